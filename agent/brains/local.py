@@ -1,0 +1,140 @@
+"""The local brain: offline, deterministic, milliseconds. Fills *route* and *respond* of the graph.
+
+Routing is the semantic router (``agent.router``) plus slot filling (``agent.slots``); answers
+are bilingual templates filled with tool results (each tool may bring its own ``render``).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from agent import templates as T
+from agent.router import SemanticRouter
+from agent.slots import extract_slots, fill_args
+from agent.state import PlannedCall, TurnState
+from tools.base import Tool
+from tools.registry import ToolRegistry
+
+_FILE_FIELDS = ("data", "dataset")
+
+
+class LocalBrain:
+    name = "local"
+
+    def __init__(self, registry: ToolRegistry, router: SemanticRouter):
+        self.registry = registry
+        self.router = router
+
+    # --- route -----------------------------------------------------------------------------
+    def route_step(self, step: str, lang: str, memo: dict[str, Any]) -> PlannedCall:
+        slots = extract_slots(step, lang)
+        decision = self.router.route(step, slots)
+        if decision.tool is None:
+            return {"step": step, "tool": None, "args": {}, "score": decision.score, "status": "chat",
+                    "record": None, "why": decision.explain()}
+        tool = self.registry.get(decision.tool)
+        args = fill_args(tool.args_model, slots, lang)
+        self._resolve_references(tool, args, memo)
+        return {"step": step, "tool": tool.name, "args": args, "score": decision.score, "status": "planned",
+                "record": None, "why": decision.explain()}
+
+    @staticmethod
+    def _resolve_references(tool: Tool, args: dict, memo: dict[str, Any]) -> None:
+        """Fill what the text only points at ("that file", "its status") from the thread."""
+        fields = tool.args_model.model_fields
+        for name in _FILE_FIELDS:
+            if name in fields and name not in args and memo.get("last_file"):
+                args[name] = memo["last_file"]
+        if "job_id" in fields and "job_id" not in args and memo.get("last_job_id"):
+            required = fields["job_id"].is_required()
+            if required:
+                args["job_id"] = memo["last_job_id"]
+
+    # --- trace texts ---------------------------------------------------------------------------
+    @staticmethod
+    def plan_text(steps: list[str], lang: str) -> str:
+        if len(steps) == 1:
+            return "理解请求，选择合适的工具。" if lang == "zh" else "Understand the request and pick a tool."
+        listed = "; ".join(f"{i + 1}) {s}" for i, s in enumerate(steps))
+        return f"分成 {len(steps)} 步：{listed}" if lang == "zh" else f"{len(steps)} steps: {listed}"
+
+    @staticmethod
+    def route_text(call: PlannedCall, lang: str) -> str:
+        if not call.get("tool"):
+            return ("闲聊/帮助，不调用工具" if lang == "zh" else "chit-chat/help — no tool") + f" ({call.get('why')})"
+        args = json.dumps(call["args"], ensure_ascii=False)
+        return f"{call['tool']} {args} ({call.get('why')})"
+
+    @staticmethod
+    def preview_text(tool: Tool, args: dict, preflight: dict | None, lang: str) -> str:
+        head = tool.preview(args, lang) if tool.preview else f"{tool.name} {json.dumps(args, ensure_ascii=False)}"
+        if preflight:
+            lines = [f"- {k}: {v}" for k, v in preflight.items() if k != "warnings"]
+            lines += [f"- ⚠ {w}" for w in preflight.get("warnings", [])]
+            head += "\n" + "\n".join(lines)
+        return head
+
+    @staticmethod
+    def decision_text(tool: str, approved: bool, lang: str) -> str:
+        if lang == "zh":
+            return f"用户{'确认' if approved else '拒绝'}了 {tool}"
+        return f"user {'approved' if approved else 'declined'} {tool}"
+
+    @staticmethod
+    def tool_text(record: dict, lang: str) -> str:
+        state = "ok" if record["ok"] else f"{record['error']['type']}"
+        return f"{record['tool']} → {state}"
+
+    @staticmethod
+    def observe_text(record: dict, lang: str) -> str:
+        if record["ok"]:
+            result = record.get("result")
+            keys = ", ".join(list(result)[:6]) if isinstance(result, dict) else type(result).__name__
+            return f"{record['tool']}: {keys}"
+        return f"{record['tool']}: {record['error']['message']}"
+
+    @staticmethod
+    def reflect_text(plan: list[PlannedCall], lang: str) -> str:
+        failed = [c for c in plan if c.get("record") and not c["record"]["ok"]]
+        if not failed:
+            return ""
+        if lang == "zh":
+            return f"{len(failed)} 个工具调用没有成功，说明原因和下一步。"
+        return f"{len(failed)} tool call(s) did not succeed; say why and what to do next."
+
+    @staticmethod
+    def answer_step_text(lang: str) -> str:
+        return "用模板写出回答。" if lang == "zh" else "Write the answer from the templates."
+
+    # --- respond -------------------------------------------------------------------------------
+    def compose(self, state: TurnState) -> str:
+        lang = state["lang"]
+        parts = []
+        if state.get("notice"):
+            parts.append(state["notice"])
+        for call in state["plan"]:
+            parts.append(self._call_answer(call, lang))
+        return "\n\n".join(p for p in parts if p).strip()
+
+    def _call_answer(self, call: PlannedCall, lang: str) -> str:
+        if not call.get("tool"):
+            return T.chat_reply(call["step"], lang)
+        record = call.get("record")
+        if record is None:
+            return ""
+        tool = self.registry.get(call["tool"])
+        if record["ok"]:
+            if tool.render:
+                return tool.render(record["result"], lang)
+            return json.dumps(record["result"], ensure_ascii=False, indent=2)[:3000]
+        error = record["error"]
+        if error["type"] == "invalid_args":
+            missing = _missing_fields(tool, call.get("args") or {})
+            if missing:
+                return T.missing_field_question(missing[0], lang)
+        return T.failure_text(tool.name, error, lang)
+
+
+def _missing_fields(tool: Tool, args: dict) -> list[str]:
+    return [name for name, f in tool.args_model.model_fields.items() if f.is_required() and name not in args]

@@ -1,0 +1,228 @@
+"""``Agent``: the one Python surface every channel talks to (ask, stream, resume, tools, call_tool)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sqlite3
+import threading
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from langgraph.types import Command
+
+from agent import templates as T
+from agent.graph import build_graph, default_context_factory
+from agent.language import detect_language
+from agent.reply import Reply
+from agent.settings import Settings
+from agent.state import new_turn
+from memory.checkpoints import StoreError, describe_sqlite_error, open_checkpointer
+from tools.base import ToolContext
+from tools.registry import ToolRegistry
+
+_YES = re.compile(r"^(?:y|yes|yep|yeah|sure|ok|okay|confirm|confirmed|approve|go|go ahead|do it|launch|run it|"
+                  r"是|是的|好|好的|确认|确定|可以|执行|同意|开始吧?)[.!。！\s]*$", re.IGNORECASE)
+_NO = re.compile(r"^(?:n|no|nope|cancel|stop|abort|don'?t|do not|decline|reject|"
+                 r"不|否|不要|不用|取消|算了|拒绝)[.!。！\s]*$", re.IGNORECASE)
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+class InputError(ValueError):
+    """A message we refuse before the turn starts (empty, too long, control characters)."""
+
+    def __init__(self, type: str, message: str):  # noqa: A002
+        super().__init__(message)
+        self.type = type
+        self.message = message
+
+
+def _embedder_factory(name: str | None = None) -> Any:
+    from memory.embedders import load_embedder
+
+    return load_embedder(name)
+
+
+def approval_of(text: str) -> bool | None:
+    """True for a bare yes, False for a bare no, None for anything else."""
+    t = text.strip()
+    if _YES.match(t):
+        return True
+    if _NO.match(t):
+        return False
+    return None
+
+
+class Agent:
+    """The brain behind every channel. Threads persist in ``$STACKWISE_HOME``."""
+
+    def __init__(self, settings: Settings, *, registry: ToolRegistry | None = None,
+                 checkpointer: Any = None, router_embedder: Any = None):
+        from agent.brains.local import LocalBrain
+        from agent.router import SemanticRouter
+
+        self.settings = settings
+        settings.home.mkdir(parents=True, exist_ok=True)
+        self.registry = registry or ToolRegistry.default()
+        self._embedder_factory = _embedder_factory
+        router = SemanticRouter(list(self.registry), router_embedder or _embedder_factory(settings.router_model),
+                                threshold=settings.router_threshold, cache_dir=settings.cache_dir)
+        self.brain = LocalBrain(self.registry, router)
+        self.checkpointer = checkpointer if checkpointer is not None else open_checkpointer(settings.threads_db)
+        make_context = default_context_factory(settings, self._embedder_factory)
+        self.graph = build_graph(self.brain, self.registry, make_context).compile(checkpointer=self.checkpointer)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None, **overrides: Any) -> Agent:
+        return cls(settings or Settings.from_env(**overrides))
+
+    # --- turns -------------------------------------------------------------------------------
+    def check_input(self, text: Any) -> str:
+        if not isinstance(text, str):
+            raise InputError("invalid_message", "The message must be text.")
+        bad = _CONTROL.search(text)
+        if bad:
+            raise InputError("invalid_message", f"The message contains a control character (code {ord(bad.group())}"
+                             f" at position {bad.start()}); remove it and send again.")
+        if not text.strip():
+            raise InputError("empty_message", "The message is empty — ask me something, or type /help.")
+        limit = self.settings.max_message_chars
+        if len(text) > limit:
+            raise InputError("message_too_long", f"The message has {len(text):,} characters; the limit is "
+                             f"{limit:,}. Send a shorter message, or put long text in a file.")
+        return text
+
+    def _config(self, thread_id: str, user_id: str) -> dict:
+        # Threads are keyed by user, so no user can open another's thread by guessing its id.
+        return {"configurable": {"thread_id": f"{user_id}|{thread_id}"}}
+
+    def _pending_interrupts(self, config: dict) -> list:
+        snap = self.graph.get_state(config)
+        return list(getattr(snap, "interrupts", ()) or ())
+
+    def stream(self, text: str, *, thread_id: str | None = None, user_id: str = "local",
+               approve: bool | None = None) -> Iterator[dict]:
+        """Events of one turn as they happen: ``step``, ``tool``, ``pending``, then ``reply``.
+
+        ``approve=True`` (``--yes``) answers every confirmation of this turn with yes.
+        """
+        text = self.check_input(text)
+        thread_id = thread_id or f"t-{uuid.uuid4().hex[:12]}"
+        config = self._config(thread_id, user_id)
+        with self._lock:
+            try:
+                yield from self._run_turn(text, thread_id, user_id, config, approve)
+            except sqlite3.Error as exc:
+                raise StoreError(describe_sqlite_error(self.settings.threads_db, exc)) from None
+
+    def _run_turn(self, text: str, thread_id: str, user_id: str, config: dict, approve: bool | None):
+        pending = self._pending_interrupts(config)
+        decision = approval_of(text)
+        if pending and decision is not None:
+            payload: Any = Command(resume={"approve": decision})
+        else:
+            notice = None
+            lang = detect_language(text)
+            if pending:
+                notice = T.DROPPED[lang]
+            elif decision is not None:
+                notice = T.NOTHING_PENDING[lang]
+            payload = new_turn(text, user_id, notice)
+        seen = 0
+        while True:
+            for update in self.graph.stream(payload, config, stream_mode="updates"):
+                for node, part in update.items():
+                    if node == "__interrupt__" or not isinstance(part, dict):
+                        continue
+                    trace = part.get("trace") or []
+                    for step in trace[seen:]:
+                        yield {"type": "step", **step}
+                    seen = max(seen, len(trace))
+            interrupts = self._pending_interrupts(config)
+            if interrupts and approve is not None:
+                payload = Command(resume={"approve": approve})
+                continue
+            break
+        reply = self._reply(config, thread_id, interrupts)
+        if reply.pending:
+            yield {"type": "pending", "pending": reply.pending.model_dump()}
+        yield {"type": "reply", "reply": reply}
+
+    def _reply(self, config: dict, thread_id: str, interrupts: list) -> Reply:
+        values = self.graph.get_state(config).values
+        lang = values.get("lang", "en")
+        calls = [c["record"] for c in values.get("plan", []) if c.get("record")]
+        pending = None
+        answer = values.get("answer", "")
+        if interrupts:
+            request = interrupts[0].value
+            pending = {"id": request["id"], "tool": request["tool"], "args": request["args"],
+                       "preview": request["preview"]}
+            answer = T.PENDING[lang].format(preview=request["preview"])
+        return Reply(thread_id=thread_id, answer=answer, steps=values.get("trace", []), tool_calls=calls,
+                     citations=values.get("citations", []), attachments=values.get("attachments", []),
+                     pending=pending)
+
+    def ask(self, text: str, *, thread_id: str | None = None, user_id: str = "local",
+            approve: bool | None = None) -> Reply:
+        """Run one turn and return its ``Reply``."""
+        reply = None
+        for event in self.stream(text, thread_id=thread_id, user_id=user_id, approve=approve):
+            if event["type"] == "reply":
+                reply = event["reply"]
+        assert reply is not None
+        return reply
+
+    async def astream(self, text: str, *, thread_id: str | None = None, user_id: str = "local",
+                      approve: bool | None = None) -> AsyncIterator[dict]:
+        """``stream`` for asyncio code: the turn runs in a worker thread, events arrive as they happen."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        def pump() -> None:
+            try:
+                for event in self.stream(text, thread_id=thread_id, user_id=user_id, approve=approve):
+                    loop.call_soon_threadsafe(queue.put_nowait, event)
+            except Exception as exc:  # handed to the consumer, re-raised there
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, done)
+
+        worker = asyncio.create_task(asyncio.to_thread(pump))
+        while True:
+            item = await queue.get()
+            if item is done:
+                break
+            if isinstance(item, Exception):
+                raise item
+            yield item
+        await worker
+
+    def resume(self, thread_id: str, approve: bool, *, user_id: str = "local") -> Reply:
+        """Answer the thread's pending confirmation."""
+        config = self._config(thread_id, user_id)
+        if not self._pending_interrupts(config):
+            lang = detect_language(self.graph.get_state(config).values.get("text", "") or "")
+            return Reply(thread_id=thread_id, answer=T.NOTHING_PENDING[lang])
+        return self.ask("yes" if approve else "no", thread_id=thread_id, user_id=user_id)
+
+    def history(self, thread_id: str, *, user_id: str = "local") -> list[dict[str, str]]:
+        return list(self.graph.get_state(self._config(thread_id, user_id)).values.get("messages", []))
+
+    # --- tools -------------------------------------------------------------------------------
+    def tools(self) -> list[dict]:
+        return self.registry.describe()
+
+    def call_tool(self, name: str, args: Any, *, user_id: str = "local") -> dict:
+        """Run one tool directly (no routing, no confirmation) and return its call record."""
+        ctx = ToolContext(home=self.settings.home, user_id=user_id, data_roots=tuple(self.settings.data_roots),
+                          embedder=self._embedder_factory)
+        return self.registry.call(name, args, ctx)
+
+    def close(self) -> None:
+        conn = getattr(self.checkpointer, "conn", None)
+        if conn is not None:
+            conn.close()

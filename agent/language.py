@@ -1,0 +1,99 @@
+"""Language detection, input cleaning and splitting a compound message into steps (en + zh)."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+# Quoted spans in every style people type: '…' "…" “…” ‘…’ 「…」 『…』 《…》.
+QUOTE_PAIRS = {"'": "'", '"': '"', "“": "”", "‘": "’", "「": "」", "『": "』", "《": "》"}
+_QUOTED = re.compile(
+    r"(?<![\w])'([^'\n]+?)'(?![\w])"
+    r'|"([^"\n]+?)"'
+    r"|“([^”\n]+?)”|‘([^’\n]+?)’|「([^」\n]+?)」|『([^』\n]+?)』|《([^》\n]+?)》"
+)
+
+# Step separators, tried on the message with quoted spans masked out.
+_SPLIT_EN = re.compile(
+    r"\s*(?:[,;.]\s*(?:and\s+)?then\b|\band then\b|[,;.]?\s*and also\b|[,;.]\s*after that\b|"
+    r"[,;.]\s*afterwards\b|[,;]\s*also\b|\.\s*then\b|\bthen also\b)\s*[,]?\s*",
+    re.IGNORECASE,
+)
+_SPLIT_ZH = re.compile(r"\s*(?:[，,；;。]?\s*(?:然后|接着|之后|随后|最后)|[，,；;。]\s*(?:再|并且|另外|还有|同时|并))\s*[，,]?\s*")
+_LEAD_ZH = re.compile(r"^\s*(?:请|麻烦)?\s*先\s*")
+_LEAD_EN = re.compile(r"^\s*first(?:ly)?\s*[,:]?\s*", re.IGNORECASE)
+
+
+def quoted_spans(text: str) -> list[tuple[int, int, str]]:
+    """(start, end, inner text) of each quoted span, in order."""
+    out = []
+    for m in _QUOTED.finditer(text):
+        inner = next(g for g in m.groups() if g is not None)
+        out.append((m.start(), m.end(), inner))
+    return out
+
+
+def mask_quotes(text: str) -> str:
+    """The text with each quoted span replaced by same-length filler (keeps offsets)."""
+    chars = list(text)
+    for start, end, _ in quoted_spans(text):
+        for i in range(start + 1, end - 1):
+            chars[i] = "_"
+    return "".join(chars)
+
+
+def detect_language(text: str) -> str:
+    """``zh`` when Chinese is written outside quotes, else ``en``.
+
+    Example:
+        >>> detect_language("什么是 QLoRA？"), detect_language("how similar are '国王' and '女王'?")
+        ('zh', 'en')
+    """
+    outside = mask_quotes(text)
+    han = len(CJK.findall(outside))
+    if han >= 2 or (han == 1 and len(re.findall(r"[A-Za-z]", outside)) < 3):
+        return "zh"
+    return "en"
+
+
+def clean_text(text: str) -> str:
+    """Drop control characters (keeping newlines and tabs) and normalise width (NFKC-lite)."""
+    kept = []
+    for ch in text:
+        if ch in "\n\t":
+            kept.append(ch)
+        elif unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co"):
+            continue
+        else:
+            kept.append(ch)
+    return "".join(kept).strip()
+
+
+def split_steps(text: str) -> list[str]:
+    """Split a compound message into its steps, never inside quotes.
+
+    Example:
+        >>> split_steps("explain LoRA, then fine-tune Qwen2.5-0.5B on d.jsonl")
+        ['explain LoRA', 'fine-tune Qwen2.5-0.5B on d.jsonl']
+        >>> split_steps("先解释一下 SHAP，然后给 churn.csv 做报告")
+        ['解释一下 SHAP', '给 churn.csv 做报告']
+    """
+    masked = mask_quotes(text)
+    cuts: list[tuple[int, int]] = []
+    for rx in (_SPLIT_EN, _SPLIT_ZH):
+        cuts.extend((m.start(), m.end()) for m in rx.finditer(masked) if m.end() > m.start())
+    cuts.sort()
+    parts, pos = [], 0
+    for start, end in cuts:
+        if start < pos:
+            continue
+        parts.append(text[pos:start])
+        pos = end
+    parts.append(text[pos:])
+    steps = []
+    for p in parts:
+        p = _LEAD_EN.sub("", _LEAD_ZH.sub("", p)).strip(" ,，;；。.")
+        if p:
+            steps.append(p)
+    return steps or [text.strip()]

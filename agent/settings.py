@@ -1,0 +1,122 @@
+"""One settings object: every field described, read from the environment and an optional TOML file.
+
+Precedence: explicit keyword > environment variable > ``stackwise.toml`` > default. The TOML file
+is looked up as ``$STACKWISE_CONFIG``, else ``./stackwise.toml``, else ``$STACKWISE_HOME/stackwise.toml``.
+
+Example:
+    >>> Settings.from_env({"STACKWISE_HOME": "/tmp/sw", "STACKWISE_BRAIN": "local"}).brain
+    'local'
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+
+class SettingsError(ValueError):
+    """A setting has a value we cannot use; the message names it."""
+
+
+def _f(default: Any, env: str, doc: str, **kw: Any) -> Any:
+    meta = {"env": env, "doc": doc}
+    if callable(default):
+        return field(default_factory=default, metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass(kw_only=True, frozen=True)
+class Settings:
+    home: Path = _f(lambda: Path("~/.stackwise").expanduser(), "STACKWISE_HOME",
+                    "Where threads, memory, uploads, reports and caches live.")
+    brain: str = _f("local", "STACKWISE_BRAIN", "Which brain routes and answers: local (offline) or llm.")
+    data_roots: tuple[Path, ...] = _f(tuple, "STACKWISE_DATA_ROOTS",
+                                      "Extra folders tools may read (os.pathsep-separated), besides the "
+                                      "working directory and the user's uploads.")
+    router_model: str = _f("use-multilingual", "STACKWISE_ROUTER_MODEL",
+                           "Sentence embedder of the semantic router (multilingual).")
+    embedding_model: str | None = _f(None, "STACKWISE_EMBEDDING_MODEL",
+                                     "Default model of embedding_distance (empty: MiniLM, or USE for Chinese).")
+    database_url: str | None = _f(None, "STACKWISE_DATABASE_URL",
+                                  "Postgres URL for threads/jobs; empty: SQLite under home.")
+    max_message_chars: int = _f(20_000, "STACKWISE_MAX_MESSAGE_CHARS", "Longest message accepted in one turn.")
+    router_threshold: float = _f(0.42, "STACKWISE_ROUTER_THRESHOLD",
+                                 "Below this routing score a message is chit-chat, not a tool call.")
+    llm_base_url: str | None = _f(None, "OPENAI_BASE_URL", "OpenAI-compatible endpoint for the llm brain.")
+    llm_api_key: str | None = _f(None, "OPENAI_API_KEY", "API key for the llm brain.", repr=False)
+    llm_model: str | None = _f(None, "STACKWISE_LLM_MODEL", "Model name for the llm brain.")
+    log_level: str = _f("WARNING", "STACKWISE_LOG_LEVEL", "Logging level (logs go to stderr).")
+
+    @property
+    def threads_db(self) -> Path:
+        return self.home / "threads.sqlite"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.home / "cache"
+
+    @classmethod
+    def describe(cls) -> list[dict[str, str]]:
+        """Each field with its environment variable and description (for docs and ``--help``)."""
+        return [{"name": f.name, "env": f.metadata["env"], "doc": f.metadata["doc"]} for f in fields(cls)]
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        values.update(_read_toml(env))
+        for f in fields(cls):
+            raw = env.get(f.metadata["env"])
+            if raw not in (None, ""):
+                values[f.name] = raw
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**{k: _coerce(k, v) for k, v in values.items()})
+
+    def with_(self, **changes: Any) -> Settings:
+        return replace(self, **{k: _coerce(k, v) for k, v in changes.items()})
+
+
+def _read_toml(env: Mapping[str, str]) -> dict[str, Any]:
+    home = Path(env.get("STACKWISE_HOME") or "~/.stackwise").expanduser()
+    candidates = [env.get("STACKWISE_CONFIG"), "stackwise.toml", home / "stackwise.toml"]
+    for cand in candidates:
+        if not cand:
+            continue
+        path = Path(cand)
+        if path.is_file():
+            try:
+                data = tomllib.loads(path.read_text(encoding="utf-8"))
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+                raise SettingsError(f"{path} is not valid TOML: {exc}") from None
+            known = {f.name for f in fields(Settings)}
+            unknown = sorted(set(data) - known)
+            if unknown:
+                raise SettingsError(f"{path}: unknown setting(s) {', '.join(unknown)}")
+            return data
+    return {}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    try:
+        if name == "home":
+            return Path(value).expanduser().resolve()
+        if name == "data_roots":
+            parts = value.split(os.pathsep) if isinstance(value, str) else list(value)
+            return tuple(Path(p).expanduser().resolve() for p in parts if str(p).strip())
+        if name in ("max_message_chars",):
+            return int(value)
+        if name == "router_threshold":
+            return float(value)
+        if name == "brain":
+            if value not in ("local", "llm"):
+                raise SettingsError(f"brain must be 'local' or 'llm', not {value!r}")
+            return value
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, SettingsError):
+            raise
+        raise SettingsError(f"setting {name}: cannot use {value!r} ({exc})") from None
+    return value

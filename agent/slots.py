@@ -1,0 +1,253 @@
+"""Slot filling for the local brain: pull tool arguments out of English and Chinese text.
+
+:func:`extract_slots` reads one step into a flat bag of typed values; :func:`fill_args` maps the
+bag onto any tool's args model by field name, so a plugin tool with a ``data`` or ``texts``
+field is filled the same way as a built-in one.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydantic import BaseModel
+
+from agent.language import quoted_spans
+
+_NUM = r"(\d+(?:\.\d+)?)"
+_FILE = re.compile(
+    r"(?<![\w/.~-])((?:~|\.{1,2})?/?[\w\u4e00-\u9fff./~-]*[\w\u4e00-\u9fff-]"
+    r"\.(?:jsonl|json|csv|tsv|parquet|pq|xlsx|txt|md|pdf|html|ubj|skops|pkl|pickle|joblib|model))\b",
+    re.IGNORECASE,
+)
+DATA_EXT = (".csv", ".tsv", ".parquet", ".pq", ".xlsx")
+TRAIN_EXT = (".jsonl", ".json", ".csv", ".parquet", ".pq", ".tsv")
+MODEL_FILE_EXT = (".ubj", ".skops", ".pkl", ".pickle", ".joblib", ".model", ".txt")
+_HUB_ID = re.compile(r"(?<![\w./-])(?:modelscope:)?([A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*[\w])(?![\w/])")
+_FAMILY = re.compile(
+    r"(?<![\w/.-])((?:qwen|llama|deepseek|mistral|mixtral|gemma|phi|gpt2|gpt-2|smollm|baichuan|chatglm|glm|"
+    r"internlm|yi|falcon|bloom|opt|tinyllama|olmo|minicpm|codellama|starcoder|t5|flan-t5)"
+    r"[\w.-]*[\w])",
+    re.IGNORECASE,
+)
+_LOCAL_MODEL = re.compile(r"(?<![\w])(\.{1,2}/[\w./-]+|/[\w.-]+(?:/[\w.-]+)+)(?![\w.])")
+_JOB = re.compile(r"\bft[-_ ]?(\d{1,9})\b", re.IGNORECASE)
+_RANK = re.compile(r"(?:(?:\brank|\blora[_ ]r(?:ank)?|秩)\s*(?:of|=|:|：|为|是|设为)?|\br\s*=)\s*(\d{1,5})\b", re.IGNORECASE)
+_ALPHA = re.compile(r"(?:\balpha|\blora[_ ]alpha|α)\s*(?:of|=|:|：|为|是)?\s*(\d{1,5})\b", re.IGNORECASE)
+_EPOCHS = re.compile(
+    r"(?:\bepochs?\s*(?:=|:|：|of)?\s*" + _NUM + r"|" + _NUM + r"\s*(?:个\s*)?(?:epochs?|轮|个轮次|遍)"
+    + r"|(?:训练|跑)\s*" + _NUM + r"\s*(?:轮|遍|个\s*epoch))",
+    re.IGNORECASE,
+)
+_STEPS = re.compile(
+    r"(?:max[_ ]steps\s*(?:=|:|：|of)?\s*(\d+)|(\d+)\s*(?:training\s+)?steps\b|(\d+)\s*步|步数\s*(?:=|:|：|为)?\s*(\d+))",
+    re.IGNORECASE,
+)
+_LR = re.compile(
+    r"(?:learning[_ ]rate|\blr|学习率)\s*(?:of|=|:|：|为|是|设为|设置为|to)?\s*(\d+(?:\.\d+)?(?:e-?\d+)?|\.\d+)",
+    re.IGNORECASE,
+)
+_BATCH = re.compile(
+    r"(?:batch[_ ]size|\bbs|批大小|批量大小|批次大小|\bbatch)\s*(?:of|=|:|：|为|是)?\s*(\d{1,5})\b", re.IGNORECASE
+)
+_SEQ = re.compile(
+    r"(?:max[_ ]?(?:seq(?:uence)?[_ ]?)?len(?:gth)?|seq(?:uence)?[_ ]len(?:gth)?|context(?:[_ ]length)?|"
+    r"序列长度|最大长度|上下文长度)\s*(?:of|=|:|：|为|是)?\s*(\d{2,6})(k)?\b",
+    re.IGNORECASE,
+)
+_ROW = re.compile(r"(?:\brow\s*(?:#|no\.?|number|index)?\s*(\d{1,9})\b|第\s*(\d{1,9})\s*行|(\d{1,9})\s*号?行)",
+                  re.IGNORECASE)
+_TARGET = [
+    re.compile(r"\btarget(?:\s+column)?\s*(?:is|=|:|of|being)?\s*[`'\"“]?([A-Za-z_][\w.-]*)", re.IGNORECASE),
+    re.compile(r"(?:目标列?|标签列?|预测目标)\s*(?:是|为|=|:|：)?\s*[`'\"“「]?([\w.\u4e00-\u9fff-]+?)[`'\"”」]?(?=$|[\s,，。？?！!；;])"),
+    re.compile(r"\b(?:predicting|predicts?|drives?|driving|affect(?:s|ing)?|influences?|explain(?:ing|s)?)\s+"
+               r"(?:the\s+)?[`'\"]?([A-Za-z_][\w-]*)", re.IGNORECASE),
+    re.compile(r"(?:对|影响)\s*[`'\"“]?([A-Za-z_][\w-]*)[`'\"”]?\s*(?:的)?(?:影响|预测|贡献)"),
+    re.compile(r"预测\s*[`'\"“]?([A-Za-z_][\w-]*)"),
+]
+_NOT_TARGET = {"the", "a", "an", "my", "this", "that", "it", "model", "data", "features", "feature", "which",
+               "what", "me", "for", "in", "of", "on", "to", "with", "prediction", "predictions", "row", "is"}
+_METRICS = [("cosine", r"cosine|余弦"), ("euclidean", r"euclid|欧氏|欧几里[得德]"),
+            ("dot", r"dot[- ]product|\bdot\b|inner product|点积|内积"), ("manhattan", r"manhattan|曼哈顿|\bl1\b")]
+_EMBED_MODELS = re.compile(
+    r"(all-minilm-l6-v2|minilm|use-multilingual(?:-v3)?|usem3|sentence-transformers/[\w.-]+)", re.IGNORECASE
+)
+_PAIR_EN = [
+    re.compile(r"\bbetween\s+(.+?)\s+and\s+(.+?)(?:\s+(?:using|with|in)\b.*)?\s*[?.!]*$", re.IGNORECASE),
+    re.compile(r"^(?:how\s+(?:similar|close|related)\s+(?:are|is)|are|is|compare)\s+(.+?)\s+(?:and|to|with)\s+"
+               r"(.+?)(?:\s+(?:similar|alike|close|related|semantically)\b.*)?\s*[?.!]*$", re.IGNORECASE),
+    re.compile(r"^(?:[\w\s]*?:\s*)?(\S+(?:\s\S+)?)\s+(?:vs\.?|versus)\s+(\S+(?:\s\S+)?)\s*[?.!]*$", re.IGNORECASE),
+]
+_PAIR_ZH = re.compile(
+    r"^(?:请问|帮我|计算|算一下|算算|比较一下|比较)?\s*([\w\u4e00-\u9fff]+?)\s*(?:和|与|跟|同)\s*([\w\u4e00-\u9fff]+?)\s*"
+    r"(?:之间)?(?:的)?(?:语义)?(?:相似度|距离|余弦|有多(?:相似|接近|像)|相似吗|像不像|多相似|相近)"
+)
+_QUERY_STRIP = [
+    re.compile(r"^(?:hi|hey|hello|please|pls|so|ok|okay)[,!\s]+", re.IGNORECASE),
+    re.compile(r"^(?:i'm new to this\s*[-—–]+\s*)", re.IGNORECASE),
+    re.compile(r"^(?:can you |could you |would you |please |pls )?(?:briefly |quickly |simply )?"
+               r"(?:explain|describe|define|tell me about|tell me what|teach me|give me an overview of|"
+               r"what(?:'s| is| are| does| do)|whats|how (?:does|do|is|are)|why (?:does|do|is|are)|"
+               r"when (?:should i use|to use|do i use)|what's the difference between|difference between)\s+",
+               re.IGNORECASE),
+    re.compile(r"^(?:a|an|the)\s+", re.IGNORECASE),
+]
+_QUERY_TAIL = re.compile(
+    r"(?:\s+(?:work|works|mean|means|do|used for|in simple terms|simply|please|to me|for me|"
+    r"like i'?m five|in (?:machine learning|ml|deep learning|llms?|ai))\b)*\s*[?.!。？！]*$",
+    re.IGNORECASE,
+)
+_ZH_QUERY = [
+    re.compile(r"^(?:请|麻烦|帮我|能不能|可以)?\s*(?:简单|通俗|详细)?(?:地)?\s*(?:解释|介绍|讲解|讲讲|说说|说明|科普)(?:一下|下)?\s*"),
+    re.compile(r"^(?:什么是|什么叫|啥是|何为)\s*"),
+    re.compile(r"\s*(?:是什么意思|是什么东西|是什么|是啥|的原理是什么|的原理|怎么工作|如何工作|是如何工作的|"
+               r"有什么用|是干什么的|是做什么的|干什么的|怎么用|指的是什么)\s*[？?。！!]*$"),
+    re.compile(r"[？?。！!]+$"),
+]
+
+
+def _first(rx: re.Pattern, text: str) -> str | None:
+    m = rx.search(text)
+    if not m:
+        return None
+    return next((g for g in m.groups() if g is not None), None)
+
+
+def _number(raw: str | None) -> float | int | None:
+    if raw is None:
+        return None
+    try:
+        val = float(raw)
+    except ValueError:
+        return None
+    return int(val) if val.is_integer() and "e" not in raw.lower() and "." not in raw else val
+
+
+def _strip_pair(s: str) -> str:
+    s = s.strip().strip("?？.。!！,，")
+    return re.sub(r"^(?:the (?:words?|sentences?|texts?|phrases?)\s+|words?\s+)", "", s, flags=re.IGNORECASE).strip()
+
+
+def extract_texts(text: str) -> list[str]:
+    """The texts to compare: quoted spans, else an ``X and Y`` / ``X 和 Y`` pair."""
+    quoted = [inner.strip() for _, _, inner in quoted_spans(text) if inner.strip()]
+    if quoted:
+        return quoted
+    for rx in _PAIR_EN:
+        m = rx.search(text.strip())
+        if m:
+            return [_strip_pair(g) for g in m.groups()]
+    m = _PAIR_ZH.search(text.strip())
+    if m:
+        return [g.strip() for g in m.groups()]
+    return []
+
+
+def extract_concept(text: str, lang: str) -> str:
+    """The concept a question is about: ``what is QLoRA?`` → ``QLoRA``."""
+    q = text.strip()
+    rules = _ZH_QUERY if lang == "zh" else []
+    for rx in rules:
+        q = rx.sub("", q).strip()
+    for rx in _QUERY_STRIP:
+        q = rx.sub("", q).strip()
+    q = _QUERY_TAIL.sub("", q).strip()
+    return q or text.strip()
+
+
+def extract_slots(text: str, lang: str = "en") -> dict[str, Any]:
+    """Every value the text states that some tool might take."""
+    slots: dict[str, Any] = {}
+    files = [m.group(1) for m in _FILE.finditer(text)]
+    slots["files"] = files
+    data = [f for f in files if f.lower().endswith(DATA_EXT)]
+    train = [f for f in files if f.lower().endswith(TRAIN_EXT)]
+    model_files = [f for f in files if f.lower().endswith(MODEL_FILE_EXT) or
+                   (f.lower().endswith(".json") and f not in train[:1])]
+    if data:
+        slots["data"] = data[0]
+    if train:
+        slots["dataset"] = train[0]
+    if model_files:
+        slots["model_file"] = model_files[0]
+    texts = extract_texts(text)
+    if texts:
+        slots["texts"] = texts
+    emb = _first(_EMBED_MODELS, text)
+    if emb:
+        slots["embedding_model"] = emb
+    hub = [m for m in _HUB_ID.findall(text) if not m.lower().endswith(tuple(TRAIN_EXT + MODEL_FILE_EXT))]
+    family = _first(_FAMILY, re.sub(r"\S+\.(?:jsonl|json|csv|parquet)\b", " ", text))
+    local = [p for p in _LOCAL_MODEL.findall(text) if not p.lower().endswith(TRAIN_EXT + MODEL_FILE_EXT)]
+    base = (hub[0] if hub else None) or family or (local[0] if local else None)
+    if base:
+        slots["base_model"] = base
+    low = text.lower()
+    if re.search(r"q-?lora", low):
+        slots["method"] = "qlora"
+    elif re.search(r"\bfull\b(?:[- ](?:fine[- ]?tun\w*|sft|parameter|param|training|finetun\w*))|全参|全量", low):
+        slots["method"] = "full"
+    elif "lora" in low:
+        slots["method"] = "lora"
+    for key, rx in (("lora_rank", _RANK), ("lora_alpha", _ALPHA), ("batch_size", _BATCH)):
+        val = _number(_first(rx, text))
+        if val is not None:
+            slots[key] = int(val)
+    epochs = _number(_first(_EPOCHS, text))
+    if epochs is not None:
+        slots["epochs"] = epochs
+    steps = _number(_first(_STEPS, text))
+    if steps is not None:
+        slots["max_steps"] = int(steps)
+    lr = _first(_LR, text)
+    if lr is not None:
+        try:
+            slots["learning_rate"] = float(lr)
+        except ValueError:
+            pass
+    m = _SEQ.search(text)
+    if m:
+        slots["max_seq_len"] = int(m.group(1)) * (1024 if m.group(2) else 1)
+    job = _first(_JOB, text)
+    if job:
+        slots["job_id"] = f"ft-{int(job)}"
+    row = _first(_ROW, text)
+    if row is not None:
+        slots["row"] = int(row)
+    for rx in _TARGET:
+        for m in rx.finditer(text):
+            cand = m.group(1).strip()
+            if cand.lower() not in _NOT_TARGET and not cand.lower().endswith(DATA_EXT + TRAIN_EXT):
+                slots["target"] = cand
+                break
+        if "target" in slots:
+            break
+    if re.search(r"regression|回归", low):
+        slots["task"] = "regression"
+    elif re.search(r"classification|classifier|分类", low):
+        slots["task"] = "classification"
+    metrics = [name for name, rx in _METRICS if re.search(rx, low)]
+    if metrics:
+        order = sorted(metrics, key=lambda n: re.search(dict(_METRICS)[n], low).start())
+        slots["metrics"] = order
+    slots["query"] = extract_concept(text, lang)
+    return slots
+
+
+# Field name → slot name, when they differ.
+_FIELD_SLOT = {"model": None, "data": "data", "dataset": "dataset", "lang": None}
+
+
+def fill_args(model: type[BaseModel], slots: dict[str, Any], lang: str) -> dict[str, Any]:
+    """Arguments for ``model`` from the slot bag, by field name."""
+    args: dict[str, Any] = {}
+    for name in model.model_fields:
+        if name == "model":
+            val = slots.get("embedding_model") if "texts" in model.model_fields else slots.get("model_file")
+        elif name == "lang":
+            val = lang if lang in ("zh", "en") else None
+        else:
+            val = slots.get(_FIELD_SLOT.get(name) or name)
+        if val is not None and val != []:
+            args[name] = val
+    return args

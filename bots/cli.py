@@ -1,0 +1,121 @@
+"""The ``stackwise`` command line: parsing and dispatch; each command group lives in its own function.
+
+Exit codes: 0 success, 1 the turn or tool failed (with a clear message), 2 usage errors.
+With ``--json`` stdout carries exactly one JSON object; logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+# Offline by design: never let a library try the network for a model.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
+
+LATER = {
+    "kb": "the knowledge-base issue", "jobs": "the fine-tune launcher issue", "worker": "the fine-tune launcher issue",
+    "serve": "the HTTP/MCP issue", "mcp": "the HTTP/MCP issue", "telegram": "the chat-channels issue",
+    "slack": "the chat-channels issue", "memory": "the memory issue",
+}
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, ensure_ascii=False, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def _fail(message: str, *, as_json: bool, kind: str = "error", code: int = 1) -> int:
+    if as_json:
+        _print_json({"error": {"type": kind, "message": message}})
+    else:
+        sys.stderr.write(f"error: {message}\n")
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="stackwise", description="A chat bot for people who build with the AI stack.")
+    p.add_argument("--home", help="data folder (default: $STACKWISE_HOME or ~/.stackwise)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    chat = sub.add_parser("chat", help="terminal REPL")
+    chat.add_argument("--thread", help="thread id (default: a new one)")
+    chat.add_argument("--user", default=None, help="user id (default: $USER)")
+
+    ask = sub.add_parser("ask", help="ask one question")
+    ask.add_argument("text", help="the message")
+    ask.add_argument("--thread", help="thread id (default: cli:<user>)")
+    ask.add_argument("--user", default=None, help="user id (default: $USER)")
+    ask.add_argument("--json", action="store_true", help="print the Reply as one JSON object")
+    ask.add_argument("--yes", action="store_true", help="approve confirmations of this turn")
+    ask.add_argument("--brain", choices=["local", "llm"], help="which brain answers")
+
+    tool = sub.add_parser("tool", help="run one tool directly, no routing")
+    tool.add_argument("name")
+    tool.add_argument("--args", default="{}", help="the arguments as a JSON object")
+    tool.add_argument("--user", default=None)
+    tool.add_argument("--json", action="store_true")
+
+    tools = sub.add_parser("tools", help="list tools with their JSON schemas")
+    tools.add_argument("--json", action="store_true")
+
+    ev = sub.add_parser("eval", help="run the evals and print tables")
+    ev.add_argument("suite", nargs="?", default="all", choices=["routing", "retrieval", "answers", "all"])
+    ev.add_argument("--json", action="store_true")
+    ev.add_argument("--failures", type=int, default=15, help="how many failures to list")
+
+    bench = sub.add_parser("bench", help="run the benchmarks and print a table")
+    bench.add_argument("--json", action="store_true")
+    bench.add_argument("--quick", action="store_true", help="fewer repetitions")
+
+    for name, where in LATER.items():
+        sp = sub.add_parser(name, help=f"(arrives with {where})")
+        sp.add_argument("rest", nargs=argparse.REMAINDER)
+    return p
+
+
+def _settings(args: argparse.Namespace, **overrides: Any):
+    from agent.settings import Settings
+
+    return Settings.from_env(home=args.home, **overrides)
+
+
+def _user(args: argparse.Namespace) -> str:
+    return getattr(args, "user", None) or os.environ.get("USER") or "local"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = os.environ.get("STACKWISE_LOG_LEVEL", "WARNING").upper()
+    logging.basicConfig(level=getattr(logging, level, logging.WARNING), stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not args.command:
+        parser.print_help(sys.stderr)
+        return 2
+    if args.command in LATER:
+        sys.stderr.write(f"stackwise {args.command} is not available in this version yet "
+                         f"(it arrives with {LATER[args.command]}).\n")
+        return 1
+    from bots import commands
+
+    handler = getattr(commands, f"cmd_{args.command}")
+    as_json = bool(getattr(args, "json", False))
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        known = commands.known_error(exc)
+        if known is None:
+            raise
+        return _fail(known[1], as_json=as_json, kind=known[0])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

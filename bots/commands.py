@@ -1,0 +1,120 @@
+"""Handlers of the ``stackwise`` commands that exist today: ask, tool, tools, chat, eval, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from bots.cli import _print_json, _settings, _user
+
+
+def known_error(exc: Exception) -> tuple[str, str] | None:
+    """(type, message) for errors a user can act on; None for bugs (which keep their traceback)."""
+    from agent.facade import InputError
+    from agent.settings import SettingsError
+    from memory.checkpoints import StoreError
+
+    if isinstance(exc, InputError):
+        return exc.type, exc.message
+    if isinstance(exc, SettingsError):
+        return "settings", str(exc)
+    if isinstance(exc, StoreError):
+        return "store", str(exc)
+    return None
+
+
+def _agent(args: argparse.Namespace, **overrides: Any):
+    from agent import Agent
+
+    return Agent(_settings(args, **overrides))
+
+
+def render_reply(reply: Any, out=sys.stdout) -> None:
+    """Human-readable reply: dimmed steps, the answer, attachments, what to do for a pending action."""
+    from rich.console import Console
+
+    console = Console(file=out, highlight=False, soft_wrap=True)
+    for step in reply.steps:
+        console.print(f"[dim]· {step.kind}: {step.text}[/dim]", markup=True, emoji=False)
+    console.print(reply.answer, markup=False, emoji=False)
+    for att in reply.attachments:
+        console.print(f"[{att.kind}] {att.path}  {att.caption}", markup=False)
+    if reply.pending:
+        console.print(f"[dim](pending {reply.pending.id}: answer yes/no in this thread, or rerun with --yes)[/dim]")
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    user = _user(args)
+    agent = _agent(args, brain=args.brain)
+    try:
+        reply = agent.ask(args.text, thread_id=args.thread or f"cli:{user}", user_id=user,
+                          approve=True if args.yes else None)
+    finally:
+        agent.close()
+    if args.json:
+        _print_json(reply.model_dump(mode="json"))
+    else:
+        render_reply(reply)
+    failed = [c for c in reply.tool_calls if not c.ok and (c.error or {}).get("type") != "declined"]
+    return 1 if failed else 0
+
+
+def cmd_tool(args: argparse.Namespace) -> int:
+    from tools.registry import call_record
+
+    try:
+        parsed = json.loads(args.args)
+    except json.JSONDecodeError as exc:
+        record = call_record(args.name, args.args, ok=False, error={
+            "type": "invalid_json", "message": f"--args is not valid JSON: {exc.msg} at column {exc.colno}."})
+    else:
+        agent = _agent(args)
+        try:
+            record = agent.call_tool(args.name, parsed, user_id=_user(args))
+        finally:
+            agent.close()
+    if args.json:
+        _print_json(record)
+    elif record["ok"]:
+        print(json.dumps(record["result"], ensure_ascii=False, indent=2, default=str))
+    else:
+        sys.stderr.write(f"error ({record['error']['type']}): {record['error']['message']}\n")
+    return 0 if record["ok"] else 1
+
+
+def cmd_tools(args: argparse.Namespace) -> int:
+    from tools.registry import ToolRegistry
+
+    listing = ToolRegistry.default().describe()
+    if args.json:
+        _print_json({"tools": listing})
+    else:
+        for t in listing:
+            mark = "  [asks first]" if t["side_effects"] else ""
+            first = t["description"].split("\n")[0]
+            print(f"{t['name']:<20}{first}{mark}")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from bots.repl import run_repl
+
+    agent = _agent(args)
+    try:
+        return run_repl(agent, user_id=_user(args), thread_id=args.thread)
+    finally:
+        agent.close()
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from evals.runner import run_evals
+
+    return run_evals(args.suite, settings=_settings(args), as_json=args.json, failures=args.failures)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from evals.bench import run_bench
+
+    return run_bench(settings=_settings(args), as_json=args.json, quick=args.quick)

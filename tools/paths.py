@@ -1,0 +1,36 @@
+"""Resolve user-supplied paths inside the allowed roots, and nowhere else."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tools.base import ToolContext, ToolError
+
+
+def allowed_roots(ctx: ToolContext) -> list[Path]:
+    roots = [Path.cwd(), ctx.uploads_dir, *ctx.data_roots]
+    return [r.resolve() for r in roots]
+
+
+def resolve_user_path(raw: str, ctx: ToolContext, *, must_exist: bool = True) -> Path:
+    """The absolute path for ``raw`` if it lies inside an allowed root.
+
+    Relative names are looked up in the user's upload folder first, then the other roots.
+    Symlinks are resolved before the check, so a link cannot lead outside.
+    """
+    if not raw or "\x00" in raw:
+        raise ToolError("invalid_path", "The file name is empty or contains a NUL character.")
+    roots = allowed_roots(ctx)
+    given = Path(raw).expanduser()
+    candidates = [given] if given.is_absolute() else [root / given for root in [ctx.uploads_dir.resolve(), *roots]]
+    inside = []
+    for cand in candidates:
+        real = cand.resolve()
+        if any(real == r or real.is_relative_to(r) for r in roots):
+            inside.append(real)
+            if not must_exist or real.exists():
+                return real
+    if not inside:
+        names = ", ".join(str(r) for r in roots)
+        raise ToolError("forbidden_path", f"{raw!r} is outside the folders I may read ({names}).")
+    raise ToolError("not_found", f"I can't find {raw!r} in your uploads or the working directory.")
