@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from agent.language import mask_quotes, quoted_spans
 from tools.base import Tool
 
 CHAT = "chat"
@@ -79,7 +80,7 @@ class SemanticRouter:
             except (OSError, ValueError):
                 matrix = None
         if matrix is None:
-            matrix = np.asarray(self.embedder.embed(phrases), dtype=np.float32)
+            matrix = np.asarray(self.embedder.embed([routing_form(p) for p in phrases]), dtype=np.float32)
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_suffix(".tmp.npy")
@@ -89,7 +90,7 @@ class SemanticRouter:
 
     def semantic_scores(self, text: str) -> dict[str, float]:
         self.prepare()
-        vec = np.asarray(self.embedder.embed([text]), dtype=np.float32)[0]
+        vec = np.asarray(self.embedder.embed([routing_form(text)]), dtype=np.float32)[0]
         sims = self._matrix @ vec
         scores: dict[str, float] = {}
         labels = np.asarray(self._labels)
@@ -101,7 +102,7 @@ class SemanticRouter:
 
     def route(self, text: str, slots: dict[str, Any]) -> RouteDecision:
         scores = self.semantic_scores(text)
-        low = text.lower()
+        low = mask_quotes(text).lower()
         for name, tool in self.tools.items():
             hits = sum(1 for k in tool.keywords if _has_keyword(low, k))
             scores[name] += min(0.12, 0.06 * hits)
@@ -112,16 +113,36 @@ class SemanticRouter:
         return RouteDecision(best, scores[best], scores)
 
 
+def routing_form(text: str) -> str:
+    """The text as the router sees it: quoted spans become a placeholder, so what is being compared
+    ("'The stock market crashed'") does not drown out what is being asked ("compare … and …")."""
+    spans = quoted_spans(text)
+    if not spans:
+        return text
+    out, pos = [], 0
+    for start, end, _ in spans:
+        out.append(text[pos:start])
+        out.append('"X"')
+        pos = end
+    out.append(text[pos:])
+    return "".join(out)
+
+
 def _has_keyword(low: str, kw: str) -> bool:
     if re.search(r"[\u4e00-\u9fff]", kw):
         return kw in low
     return re.search(rf"(?<![\w-]){re.escape(kw)}(?![\w-])", low) is not None
 
 
-_QUESTION = re.compile(r"^(?:what|what's|whats|explain|how does|how do|why|define|tell me about|describe)\b|"
-                       r"什么是|是什么|解释|介绍|原理|区别|什么意思")
-_TRAIN_VERB = re.compile(r"fine-?tun|finetun|\btrain|\bsft\b|微调|训练|launch|kick off|start a", re.IGNORECASE)
-_CANCEL_VERB = re.compile(r"\b(?:cancel|stop|abort|kill|terminate|halt)\b|取消|停止|终止|停掉|停了|杀掉")
+_QUESTION = re.compile(r"^(?:what|what's|whats|explain|how does|how do|how is|why|define|tell me about|describe|"
+                       r"can you explain|could you explain|difference between|when should)\b|"
+                       r"什么是|是什么|解释|介绍|原理|区别|什么意思|干什么|有什么(?:用|特别)|怎么选|为什么")
+_TRAIN_VERB = re.compile(r"fine-?tun|finetun|\btune\b|\btrain(?:ing)?\b|\bsft\b|微调|训练|launch|kick off|start a", re.IGNORECASE)
+_CANCEL_VERB = re.compile(r"\b(?:cancel|stop|abort|kill|terminate|halt)\b|取消|停止|终止|停掉|停了|杀掉|中止|结束|停下")
+_STATUS_WORD = re.compile(r"status|progress|done|finished|eta|loss|check|how(?:'s| is)|进度|状态|完成|跑完|多久|怎么样|loss")
+_SIMILARITY = re.compile(r"similar|similarity|distance|closest|nearest|close|far|apart|cosine|euclid|manhattan|dot product|"
+                         r"compare|embed|相似|距离|接近|余弦|欧氏|比较|向量|像")
+_FILE_WORD = re.compile(r"\S+\.(?:csv|parquet|jsonl|json|tsv|xlsx)\b", re.IGNORECASE)
 
 
 def _bump(scores: dict[str, float], name: str, amount: float) -> None:
@@ -130,22 +151,49 @@ def _bump(scores: dict[str, float], name: str, amount: float) -> None:
 
 
 def _slot_features(scores: dict[str, float], low: str, slots: dict[str, Any]) -> None:
-    """Evidence from what the text carries; each rule encodes one reason a phrase leans one way."""
-    question = bool(_QUESTION.search(low))
+    """Evidence from what the text carries; each rule encodes one reason a phrase leans one way.
+
+    ``low`` is the lower-cased step with quoted spans masked, so words inside quotes
+    ("cancel my subscription") never count as commands.
+    """
+    bare = _FILE_WORD.sub(" ", low)
+    question = bool(_QUESTION.search(bare.strip()))
     has_job = "job_id" in slots
+    texts = len(slots.get("texts", []))
+    files = slots.get("files") or []
+    train = bool(_TRAIN_VERB.search(bare))
     if has_job:
-        _bump(scores, "finetune_status", 0.08)
+        _bump(scores, CHAT, -0.2)
+        _bump(scores, "explain_concept", -0.15)
+        if _CANCEL_VERB.search(bare):
+            _bump(scores, "cancel_finetune", 0.15)
+        else:
+            _bump(scores, "finetune_status", 0.15)
+            _bump(scores, "cancel_finetune", -0.1)
+    elif _CANCEL_VERB.search(bare) and not question:
         _bump(scores, "cancel_finetune", 0.08)
+    else:
+        _bump(scores, "cancel_finetune", -0.1)
+    if not has_job and question and not re.search(r"\bmy\b|我的|latest|最新", bare):
+        _bump(scores, "finetune_status", -0.1)
+    if texts >= 2 and _SIMILARITY.search(bare):
+        _bump(scores, "embedding_distance", 0.2)
+        _bump(scores, CHAT, -0.15)
         _bump(scores, "explain_concept", -0.1)
-    if _CANCEL_VERB.search(low):
-        _bump(scores, "cancel_finetune", 0.12)
-    if len(slots.get("texts", [])) >= 2 and not question:
-        _bump(scores, "embedding_distance", 0.08)
-    if slots.get("data") and not slots.get("dataset", "").endswith((".jsonl", ".json")):
-        _bump(scores, "shap_report", 0.05)
-    if _TRAIN_VERB.search(low) and (slots.get("dataset") or slots.get("base_model")):
-        _bump(scores, "launch_finetune", 0.1)
-    if question and not (slots.get("files") or has_job):
-        _bump(scores, "explain_concept", 0.06)
-    if slots.get("files") or has_job:
-        _bump(scores, "chat", -0.1)
+    elif texts < 2:
+        # Without two texts the calculator cannot run; "what is cosine similarity?" is a concept question.
+        _bump(scores, "embedding_distance", -0.3 if question else -0.12)
+    if slots.get("data") and not train:
+        _bump(scores, "shap_report", 0.1)
+    if not files and not re.search(r"csv|parquet|data ?set|数据|表格|文件", bare):
+        _bump(scores, "shap_report", -0.12)
+    if train and (slots.get("dataset") or slots.get("base_model")) and not question:
+        _bump(scores, "launch_finetune", 0.2)
+        _bump(scores, "shap_report", -0.1)
+    elif not train:
+        _bump(scores, "launch_finetune", -0.1)
+    if question and not (files or has_job or texts >= 2):
+        _bump(scores, "explain_concept", 0.12)
+        _bump(scores, CHAT, -0.1)
+    if files:
+        _bump(scores, CHAT, -0.15)

@@ -44,7 +44,7 @@ class Settings:
     database_url: str | None = _f(None, "STACKWISE_DATABASE_URL",
                                   "Postgres URL for threads/jobs; empty: SQLite under home.")
     max_message_chars: int = _f(20_000, "STACKWISE_MAX_MESSAGE_CHARS", "Longest message accepted in one turn.")
-    router_threshold: float = _f(0.42, "STACKWISE_ROUTER_THRESHOLD",
+    router_threshold: float = _f(0.36, "STACKWISE_ROUTER_THRESHOLD",
                                  "Below this routing score a message is chit-chat, not a tool call.")
     llm_base_url: str | None = _f(None, "OPENAI_BASE_URL", "OpenAI-compatible endpoint for the llm brain.")
     llm_api_key: str | None = _f(None, "OPENAI_API_KEY", "API key for the llm brain.", repr=False)

@@ -64,23 +64,29 @@ _TARGET = [
                r"(?:the\s+)?[`'\"]?([A-Za-z_][\w-]*)", re.IGNORECASE),
     re.compile(r"(?:对|影响)\s*[`'\"“]?([A-Za-z_][\w-]*)[`'\"”]?\s*(?:的)?(?:影响|预测|贡献)"),
     re.compile(r"预测\s*[`'\"“]?([A-Za-z_][\w-]*)"),
+    re.compile(r"\b(?:matters?|important|contributes?|contributing|impacts?|determines?|explains?)\s+(?:for|to|on)\s+"
+               r"(?:the\s+)?[`'\"]?([A-Za-z_][\w-]*)", re.IGNORECASE),
+    re.compile(r"(?:影响|决定了?|驱动|解释)\s*(?:了)?\s*[`'\"“]?([A-Za-z_][\w-]*)"),
 ]
 _NOT_TARGET = {"the", "a", "an", "my", "this", "that", "it", "model", "data", "features", "feature", "which",
                "what", "me", "for", "in", "of", "on", "to", "with", "prediction", "predictions", "row", "is"}
-_METRICS = [("cosine", r"cosine|余弦"), ("euclidean", r"euclid|欧氏|欧几里[得德]"),
+_METRICS = [("cosine", r"cosine|余弦"), ("euclidean", r"euclid|欧氏|欧几里[得德]|\bl2\b|欧式"),
             ("dot", r"dot[- ]product|\bdot\b|inner product|点积|内积"), ("manhattan", r"manhattan|曼哈顿|\bl1\b")]
 _EMBED_MODELS = re.compile(
-    r"(all-minilm-l6-v2|minilm|use-multilingual(?:-v3)?|usem3|sentence-transformers/[\w.-]+)", re.IGNORECASE
+    r"(sentence-transformers/[\w.-]+|(?:[\w.-]+/)?[\w.-]*(?:minilm|mpnet|bge-|e5-|gte-|text2vec|paraphrase-|labse|"
+    r"distiluse)[\w.-]*|use-multilingual(?:-v3)?|usem3)", re.IGNORECASE
 )
 _PAIR_EN = [
     re.compile(r"\bbetween\s+(.+?)\s+and\s+(.+?)(?:\s+(?:using|with|in)\b.*)?\s*[?.!]*$", re.IGNORECASE),
     re.compile(r"^(?:how\s+(?:similar|close|related)\s+(?:are|is)|are|is|compare)\s+(.+?)\s+(?:and|to|with)\s+"
                r"(.+?)(?:\s+(?:similar|alike|close|related|semantically)\b.*)?\s*[?.!]*$", re.IGNORECASE),
-    re.compile(r"^(?:[\w\s]*?:\s*)?(\S+(?:\s\S+)?)\s+(?:vs\.?|versus)\s+(\S+(?:\s\S+)?)\s*[?.!]*$", re.IGNORECASE),
+    re.compile(r"^(?:[\w\s]*?:\s*)?([^\s,，]+(?:\s[^\s,，]+)?)\s+(?:vs\.?|versus)\s+([^\s,，?？!！.。-]+)", re.IGNORECASE),
 ]
+_LIST = [re.compile(r"([^\s,，、:：]+(?:\s*、\s*[^\s,，、:：?？]+){1,63})"),
+         re.compile(r"(?:^|[:：]\s*)([A-Za-z]+(?:\s*,\s*(?:and\s+)?[A-Za-z]+){2,63})\s*(?:[?.!—–-]|$)")]
 _PAIR_ZH = re.compile(
     r"^(?:请问|帮我|计算|算一下|算算|比较一下|比较)?\s*([\w\u4e00-\u9fff]+?)\s*(?:和|与|跟|同)\s*([\w\u4e00-\u9fff]+?)\s*"
-    r"(?:之间)?(?:的)?(?:语义)?(?:相似度|距离|余弦|有多(?:相似|接近|像)|相似吗|像不像|多相似|相近)"
+    r"(?:这两个(?:词|句子|短语|文本)?)?(?:之间)?(?:的)?(?:语义|嵌入|向量|词向量)?(?:相似度|距离|余弦|有多(?:相似|接近|像)|相似吗|像不像|多相似|相近|接近)"
 )
 _QUERY_STRIP = [
     re.compile(r"^(?:hi|hey|hello|please|pls|so|ok|okay)[,!\s]+", re.IGNORECASE),
@@ -113,6 +119,25 @@ def _first(rx: re.Pattern, text: str) -> str | None:
     return next((g for g in m.groups() if g is not None), None)
 
 
+_ZH_DIGITS = {"零": 0, "一": 1, "二": 2, "两": 2, "三": 3, "四": 4, "五": 5, "六": 6, "七": 7, "八": 8, "九": 9}
+
+
+def zh_numerals(text: str) -> str:
+    """Rewrite small Chinese numerals before a unit as digits: 训练三轮 → 训练3轮, 十二步 → 12步."""
+
+    def conv(m: re.Match) -> str:
+        s = m.group(1)
+        if s == "十":
+            return "10" + m.group(2)
+        if "十" in s:
+            tens, _, ones = s.partition("十")
+            return str(_ZH_DIGITS.get(tens, 1) * 10 + _ZH_DIGITS.get(ones, 0)) + m.group(2)
+        return str(_ZH_DIGITS[s]) + m.group(2)
+
+    return re.sub(r"([一二两三四五六七八九]?十[一二三四五六七八九]?|[一二两三四五六七八九])\s*(个?\s*(?:轮|遍|epoch|步))",
+                  conv, text)
+
+
 def _number(raw: str | None) -> float | int | None:
     if raw is None:
         return None
@@ -140,6 +165,14 @@ def extract_texts(text: str) -> list[str]:
     m = _PAIR_ZH.search(text.strip())
     if m:
         return [g.strip() for g in m.groups()]
+    if not re.search(r"closest|similar|distance|nearest|相似|接近|距离|最近|最像", text, re.IGNORECASE):
+        return []
+    for rx in _LIST:
+        m = rx.search(text.strip())
+        if m:
+            items = [re.sub(r"^and\s+", "", i.strip()) for i in re.split(r"\s*[、,]\s*", m.group(1)) if i.strip()]
+            if len(items) >= 2:
+                return items
     return []
 
 
@@ -158,6 +191,7 @@ def extract_concept(text: str, lang: str) -> str:
 def extract_slots(text: str, lang: str = "en") -> dict[str, Any]:
     """Every value the text states that some tool might take."""
     slots: dict[str, Any] = {}
+    text = zh_numerals(text)
     files = [m.group(1) for m in _FILE.finditer(text)]
     slots["files"] = files
     data = [f for f in files if f.lower().endswith(DATA_EXT)]

@@ -2,15 +2,32 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import hashlib
+import json
+import re
+import unicodedata
+import warnings
+from itertools import combinations
+from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from memory.embedders import DEFAULT_MODEL, MINILM, USE_MULTILINGUAL, EmbedderError, load_embedder
 from tools.base import ToolContext, ToolError, tool
 
 MAX_TEXTS = 64
 MAX_CHARS = 2000
 Metric = Literal["cosine", "euclidean", "dot", "manhattan"]
+METRICS: tuple[str, ...] = ("cosine", "euclidean", "dot", "manhattan")
+TABLE_LIMIT = 10  # more pairs than this: show only the closest few
+ENGLISH_ONLY_NOTE = f"{MINILM} is English-only; for Chinese text use {USE_MULTILINGUAL}."
+_NOTES_ZH = {ENGLISH_ONLY_NOTE: f"{MINILM} 只懂英文，中文文本请用 {USE_MULTILINGUAL}。"}
+_CJK_FONT_HINTS = (
+    "CJK", "Han Sans", "WenQuanYi", "SimHei", "YaHei", "PingFang", "Heiti", "Droid Sans Fallback",
+)
+# Han, kana, Hangul: MiniLM is English-only, so these switch the default to the multilingual model.
+_CJK = re.compile("[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af\U00020000-\U0002ffff]")
 
 
 class DistanceArgs(BaseModel):
@@ -65,11 +82,209 @@ EXEMPLARS = {
 
 
 def embedding_distance_run(args: DistanceArgs, ctx: ToolContext) -> dict:
-    raise ToolError("not_available", "embedding_distance is being built")
+    """Embed the texts, measure every pair, find the closest/farthest, plot 3+ texts."""
+    texts = list(args.texts)
+    metrics = [m for m in METRICS if m in args.metrics] if args.metrics else list(METRICS)
+    warnings_: list[str] = []
+    has_cjk = any(_CJK.search(t) for t in texts)
+    if args.model is not None:
+        model, choice = args.model, "user"
+    elif has_cjk:
+        model, choice = USE_MULTILINGUAL, "auto-multilingual"
+    else:
+        model, choice = DEFAULT_MODEL, "default"
+    try:
+        embedder = ctx.embedder(model) if ctx.embedder is not None else load_embedder(model)
+        vectors = embedder.embed(texts)
+    except EmbedderError as e:
+        raise ToolError("model_unavailable", str(e)) from e
+    if has_cjk and embedder.name == MINILM:
+        warnings_.append(ENGLISH_ONLY_NOTE)
+    v = vectors.astype(np.float64)
+    norms = np.linalg.norm(v, axis=1)
+    pairs = []
+    for i, j in combinations(range(len(texts)), 2):
+        diff = v[i] - v[j]
+        values = {
+            "cosine": float(v[i] @ v[j] / max(norms[i] * norms[j], 1e-12)),
+            "euclidean": float(np.sqrt(diff @ diff)),
+            "dot": float(v[i] @ v[j]),
+            "manhattan": float(np.abs(diff).sum()),
+        }
+        pair = {"a": i, "b": j, "text_a": texts[i], "text_b": texts[j]}
+        pair.update({m: values[m] for m in metrics})
+        pairs.append((pair, values))
+    best = max(pairs, key=lambda p: p[1]["cosine"])
+    worst = min(pairs, key=lambda p: p[1]["cosine"])
+    result: dict[str, Any] = {
+        "model": embedder.name,
+        "dim": int(vectors.shape[1]),
+        "texts": texts,
+        "metrics": metrics,
+        "pairs": [p for p, _ in pairs],
+        "closest": _extreme(best),
+        "farthest": _extreme(worst),
+        "normalized": True,
+        "model_choice": choice,
+        "plot": None,
+        "attachments": [],
+        "warnings": warnings_,
+    }
+    if len(texts) >= 3:
+        try:
+            path, caption = _pca_plot(vectors, texts, embedder.name, ctx)
+        except OSError as e:  # a full disk must not cost the user the numbers
+            warnings_.append(f"could not save the PCA plot: {e}")
+        else:
+            result["plot"] = str(path)
+            result["attachments"] = [{"kind": "image", "path": str(path), "caption": caption}]
+    return result
+
+
+def _extreme(pair: tuple[dict, dict]) -> dict:
+    p, values = pair
+    return {"a": p["a"], "b": p["b"], "cosine": values["cosine"], "euclidean": values["euclidean"]}
+
+
+def pca_2d(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Project rows onto their first two principal components → (coords (n, 2), variance ratios (2,))."""
+    x = vectors.astype(np.float64) - vectors.mean(axis=0)
+    _, s, vt = np.linalg.svd(x, full_matrices=False)
+    k = min(2, vt.shape[0])
+    coords = np.zeros((len(x), 2))
+    coords[:, :k] = x @ vt[:k].T
+    total = float((s**2).sum())
+    ratios = np.zeros(2)
+    if total > 0:
+        ratios[:k] = s[:k] ** 2 / total
+    return coords, ratios
+
+
+def _pca_plot(vectors: np.ndarray, texts: list[str], model: str, ctx: ToolContext) -> tuple[Any, str]:
+    from matplotlib import font_manager
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
+
+    coords, ratios = pca_2d(vectors)
+    digest = hashlib.sha256(json.dumps([model, texts], ensure_ascii=False).encode()).hexdigest()[:16]
+    path = ctx.reports_dir / "embeddings" / f"pca-{digest}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    installed = {f.name for f in font_manager.fontManager.ttflist}
+    cjk_fonts = sorted(n for n in installed if any(k in n for k in _CJK_FONT_HINTS))
+    fig = Figure(figsize=(7, 5), dpi=110)
+    ax = fig.add_subplot()
+    ax.scatter(coords[:, 0], coords[:, 1], s=36, color="#3b6ea8")
+    for i, ((x, y), text) in enumerate(zip(coords, texts, strict=True)):
+        # Without a CJK font the glyphs would be boxes: then the number alone (the answer lists them).
+        label = f"{i + 1}" if _CJK.search(text) and not cjk_fonts else f"{i + 1}. {_short(text, 28)}"
+        ax.annotate(label, (x, y), xytext=(5, 4), textcoords="offset points", fontsize=9,
+                    fontfamily=[*cjk_fonts[:1], "DejaVu Sans"])
+    ax.set_xlabel(f"PC1 ({ratios[0]:.0%} of variance)")
+    ax.set_ylabel(f"PC2 ({ratios[1]:.0%} of variance)")
+    ax.set_title(f"{len(texts)} texts, {model} embeddings, PCA to 2-D")
+    ax.grid(alpha=0.3)
+    with warnings.catch_warnings():
+        # Without a CJK font Chinese labels draw as boxes; that is cosmetic, not an error.
+        for message in (r"Glyph .* missing from (current )?font", r"findfont: "):
+            warnings.filterwarnings("ignore", message=message, category=UserWarning)
+        fig.savefig(path)
+    caption = (f"PCA of {len(texts)} embeddings ({model}); "
+               f"the two axes keep {ratios.sum():.0%} of the variance.")
+    return path, caption
+
+
+def _short(text: str, limit: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _width(text: str) -> int:
+    """Terminal columns: CJK characters take two."""
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def _right(text: str, width: int) -> str:
+    return " " * max(0, width - _width(text)) + text
+
+
+_WORDS = {
+    "en": {"cosine": "cosine", "euclidean": "euclid", "dot": "dot", "manhattan": "manhattan", "pair": "pair",
+           "default": "the default English model", "user": "the model you asked for",
+           "auto-multilingual": "picked because the texts are not English"},
+    "zh": {"cosine": "余弦", "euclidean": "欧氏", "dot": "点积", "manhattan": "曼哈顿", "pair": "文本对",
+           "default": "默认的英文模型", "user": "你指定的模型",
+           "auto-multilingual": "检测到中文，自动换用多语言模型"},
+}
+
+_EXPLAIN = {
+    "en": ["How to read these numbers:",
+           "- Cosine similarity compares direction only (the angle between the vectors), not length;",
+           "  the closer to 1, the closer in meaning.",
+           "- Euclidean distance is the straight line between the two points, so length counts too.",
+           "- The vectors here have length 1, so d² = 2 − 2·cos (d = Euclidean distance).",
+           "  Check on the closest pair: {check}.",
+           "- For unit vectors the dot product is exactly the cosine.",
+           "- Manhattan distance adds up the absolute differences of all {dim} coordinates,",
+           "  so it is never smaller than the Euclidean distance."],
+    "zh": ["这些数怎么看：",
+           "· 余弦相似度只看方向（两个向量的夹角），不看长度；越接近 1，意思越接近。",
+           "· 欧氏距离是两点之间的直线距离，所以向量的长度也会影响它。",
+           "· 这里的向量长度都是 1，所以 d² = 2 − 2·cos（d 是欧氏距离）。",
+           "  用最接近的一对验算：{check}。",
+           "· 对单位向量来说，点积就等于余弦相似度。",
+           "· 曼哈顿距离是 {dim} 个维度上坐标差的绝对值之和，所以不会小于欧氏距离。"],
+}
+
+
+def render_embedding_distance(result: dict, lang: str = "en") -> str:
+    """The learner-facing answer: a compact pair table, the closest/farthest pair, how to read them."""
+    zh = lang == "zh"
+    w = _WORDS["zh" if zh else "en"]
+    texts, metrics, pairs = result["texts"], result["metrics"], result["pairs"]
+    shown = pairs if len(pairs) <= TABLE_LIMIT else sorted(pairs, key=_nearness, reverse=True)[:5]
+    quote = (lambda i: f"「{_short(texts[i], 30)}」") if zh else (lambda i: f'"{_short(texts[i], 30)}"')
+    c, f = result["closest"], result["farthest"]
+    cos, d = c["cosine"], c["euclidean"]
+    check = f"{d:.4f}² = {d * d:.4f}{'，' if zh else ', '}2 − 2×{cos:.4f} = {2 - 2 * cos:.4f}"
+    lines = [f"模型：{result['model']}（{result['dim']} 维，{w[result['model_choice']]}）" if zh else
+             f"Model: {result['model']} ({result['dim']} dimensions, {w[result['model_choice']]})", ""]
+    lines += [f"{i + 1}. {_short(t, 40)}" for i, t in enumerate(texts)]
+    lines += ["", _right(w["pair"], 7) + "".join(_right(w[m], 11) for m in metrics)]
+    lines += [_right(f"{p['a'] + 1}↔{p['b'] + 1}", 7) + "".join(f"{p[m]:>11.4f}" for m in metrics)
+              for p in shown]
+    if shown is not pairs:
+        lines.append(f"（共 {len(pairs)} 对，只列出最接近的 5 对；完整数据在 JSON 结果里）" if zh else
+                     f"(the 5 closest of {len(pairs)} pairs; the JSON result has them all)")
+    if zh:
+        head = "最接近" if len(pairs) > 1 else "这一对"
+        lines += ["", f"{head}：{quote(c['a'])}和{quote(c['b'])}（余弦 {cos:.4f}）"]
+        if len(pairs) > 1:
+            lines.append(f"最远：{quote(f['a'])}和{quote(f['b'])}（余弦 {f['cosine']:.4f}）")
+    else:
+        lines += ["", f"{'Closest: ' if len(pairs) > 1 else 'The pair:'} {quote(c['a'])} and {quote(c['b'])} "
+                  f"(cosine {cos:.4f})"]
+        if len(pairs) > 1:
+            lines.append(f"Farthest: {quote(f['a'])} and {quote(f['b'])} (cosine {f['cosine']:.4f})")
+    lines.append("")
+    lines += [line.format(check=check, dim=result["dim"]) for line in _EXPLAIN["zh" if zh else "en"]]
+    if result.get("plot"):
+        lines += ["", f"二维 PCA 散点图：{result['plot']}" if zh else f"2-D PCA plot: {result['plot']}"]
+    notes = result.get("warnings", [])
+    lines += [f"注意：{_NOTES_ZH.get(n, n)}" if zh else f"Note: {n}" for n in notes]
+    return "\n".join(lines)
+
+
+def _nearness(pair: dict) -> float:
+    """Higher = closer, from whichever metric was kept (for unit vectors cosine, dot and −Euclidean
+    rank pairs the same way)."""
+    for metric, sign in (("cosine", 1), ("dot", 1), ("euclidean", -1), ("manhattan", -1)):
+        if metric in pair:
+            return sign * pair[metric]
+    return 0.0
 
 
 @tool(
     args=DistanceArgs,
+    render=render_embedding_distance,
     keywords=("similar", "similarity", "distance", "cosine", "euclidean", "manhattan", "dot product",
               "closest", "相似", "距离", "余弦", "欧氏", "接近"),
     exemplars=EXEMPLARS,

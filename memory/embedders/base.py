@@ -96,7 +96,8 @@ class Embedder(ABC):
         self.load()
         vectors = unit_rows(self._embed(texts))
         if vectors.shape != (len(texts), self.dim):
-            raise RuntimeError(f"{self.name} returned shape {vectors.shape}, expected ({len(texts)}, {self.dim})")
+            expected = (len(texts), self.dim)
+            raise RuntimeError(f"{self.name} returned shape {vectors.shape}, expected {expected}")
         return vectors
 
     @abstractmethod

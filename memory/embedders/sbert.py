@@ -40,8 +40,8 @@ class SentenceTransformerEmbedder(Embedder):
                 f"sentence-transformers model: {first[:200]}). {self._hint}".strip()
             ) from e
         # Renamed in sentence-transformers 6 (the old name warns).
-        get_dim = getattr(self._st, "get_embedding_dimension", None) or self._st.get_sentence_embedding_dimension
-        dim = get_dim()
+        get_dim = getattr(self._st, "get_embedding_dimension", None)
+        dim = get_dim() if get_dim else self._st.get_sentence_embedding_dimension()
         if not dim:
             dim = int(self._st.encode(["dimension probe"], convert_to_numpy=True).shape[1])
         self._dim = int(dim)

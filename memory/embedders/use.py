@@ -57,7 +57,7 @@ def fast_tokenizer(model_path: Path) -> Any:
             for piece in pieces:
                 for k in range(1, len(piece)):
                     prefixes.setdefault(piece[:k], 0)
-            prefixes.update(zip(pieces, range(1, len(pieces) + 1)))
+            prefixes.update(zip(pieces, range(1, len(pieces) + 1), strict=True))
             self._prefixes = prefixes
             charsmap = None
             if 3 in top:

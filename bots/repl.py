@@ -1,0 +1,239 @@
+"""The terminal REPL behind ``stackwise chat``: read a line, stream the turn's steps, print the answer.
+
+Line editing and history come from the stdlib :mod:`readline` (history kept in ``$STACKWISE_HOME/repl_history``);
+everything else goes through one rich ``Console``. The REPL only talks to ``Agent`` (stream, tools, history),
+and a user error in a turn is one red line — the session keeps going.
+
+Example:
+    >>> run_repl(agent, user_id="alice")                     # doctest: +SKIP
+    stackwise · thread cli:alice · /help for commands
+    you › what is QLoRA?
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape as _escape
+from rich.text import Text
+
+PROMPT = "you › "
+HISTORY_LENGTH = 1000
+EXAMPLES = (
+    "what is QLoRA?",
+    "how similar are 'king' and 'queen'?",
+    "fine-tune Qwen2.5-0.5B on data.jsonl with lora rank 8",
+)
+LATER = {
+    "/memory": "Long-term user memory (/memory, /forget)",
+    "/forget": "Long-term user memory (/memory, /forget)",
+    "/jobs": "Watching fine-tune jobs from the REPL (/jobs)",
+}
+HELP = (
+    ("/help", "this list"),
+    ("/new", "start a fresh thread"),
+    ("/tools", "what I can do, and which tools ask before they act"),
+    ("/history", "the messages of this thread"),
+    ("/memory", "what I remember about you (later version)"),
+    ("/forget", "forget what I remember about you (later version)"),
+    ("/jobs", "your fine-tune jobs (later version)"),
+    ("/quit", "leave (also /exit or Ctrl-D)"),
+)
+
+log = logging.getLogger(__name__)
+
+
+class _Quit(Exception):
+    """Raised by a command (or Ctrl-D) to end the session."""
+
+
+def _readline_input(history_file: Path) -> tuple[Callable[[str], str], Callable[[], None]]:
+    """``input`` with line editing and a persistent history, plus the function that saves it."""
+    try:
+        import readline
+    except ImportError:  # no readline on this platform: plain input, no history
+        return input, lambda: None
+    readline.set_history_length(HISTORY_LENGTH)
+    try:
+        readline.read_history_file(history_file)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("could not read the REPL history %s: %s", history_file, exc)
+
+    def save() -> None:
+        try:
+            history_file.parent.mkdir(parents=True, exist_ok=True)
+            readline.write_history_file(history_file)
+        except OSError as exc:
+            log.warning("could not save the REPL history %s: %s", history_file, exc)
+
+    return input, save
+
+
+class Repl:
+    """One terminal session: a thread, a console and the commands."""
+
+    def __init__(self, agent: Any, *, user_id: str, thread_id: str | None, input_fn: Callable[[str], str],
+                 console: Console):
+        self.agent = agent
+        self.user_id = user_id
+        self.thread_id = thread_id or f"cli:{user_id}"
+        self.input = input_fn
+        self.console = console
+        self.commands: dict[str, Callable[[], None]] = {
+            "/help": self.cmd_help, "/new": self.cmd_new, "/tools": self.cmd_tools, "/history": self.cmd_history,
+            "/quit": self.cmd_quit, "/exit": self.cmd_quit,
+        }
+
+    # --- the loop ----------------------------------------------------------------------------
+    def run(self) -> int:
+        self.say(f"[bold]stackwise[/bold] · thread [cyan]{self.thread_id}[/cyan] · /help for commands")
+        interrupted = False
+        while True:
+            try:
+                line = self.input(PROMPT)
+            except KeyboardInterrupt:
+                if interrupted:
+                    return self.goodbye()
+                interrupted = True
+                self.say("\n[dim](line cleared — Ctrl-C again, Ctrl-D or /quit to leave)[/dim]")
+                continue
+            except EOFError:
+                self.console.print()
+                return self.goodbye()
+            interrupted = False
+            try:
+                self.handle(line)
+            except _Quit:
+                return self.goodbye()
+
+    def handle(self, line: str) -> None:
+        """A command, a turn, or nothing (blank line)."""
+        text = line.strip()
+        if not text:
+            return
+        word = text.split()[0]
+        if word.startswith("/") and "/" not in word[1:]:  # "/etc/passwd …" is a message, not a command
+            self.command(word.lower())
+        else:
+            self.turn(line)
+
+    def command(self, name: str) -> None:
+        if name in self.commands:
+            self.commands[name]()
+        elif name in LATER:
+            self.say(f"[yellow]{LATER[name]} arrives in a later version of stackwise.[/yellow]")
+        else:
+            self.say(f"[yellow]Unknown command {_escape(name)} — type /help for the list.[/yellow]")
+
+    def goodbye(self) -> int:
+        self.say("[dim]Goodbye![/dim]")
+        return 0
+
+    # --- one turn ----------------------------------------------------------------------------
+    def turn(self, text: str) -> None:
+        events = self.agent.stream(text, thread_id=self.thread_id, user_id=self.user_id)
+        try:
+            for event in events:
+                self.show(event)
+        except KeyboardInterrupt:
+            events.close()
+            self.say("\n[yellow]Stopped waiting for this turn (Ctrl-C). Ask again when you are ready.[/yellow]")
+        except Exception as exc:
+            self.error(exc)
+
+    def show(self, event: dict) -> None:
+        kind = event.get("type")
+        if kind == "step":
+            self.console.print(Text(f"  · {event['kind']}: {event['text']}", style="dim"), emoji=False)
+        elif kind == "reply":
+            self.show_reply(event["reply"])
+
+    def show_reply(self, reply: Any) -> None:
+        self.console.print(reply.answer, markup=False, emoji=False)
+        for att in reply.attachments:
+            caption = f" — {att.caption}" if att.caption else ""
+            self.console.print(f"📎 {att.path}{caption}", markup=False, emoji=False, soft_wrap=True)
+        for call in reply.tool_calls:
+            error = call.error or {}
+            if not call.ok and error.get("type") != "declined":
+                self.say(f"[red]✗ {_escape(call.tool)} failed ({_escape(error.get('type', 'error'))})[/red]")
+        if reply.pending:
+            if reply.pending.preview not in reply.answer:
+                self.console.print(reply.pending.preview, markup=False, emoji=False)
+            self.say("[bold yellow](yes / no)[/bold yellow] [dim]— answer in your next message (是 / 否)[/dim]")
+
+    def error(self, exc: Exception) -> None:
+        from bots.commands import known_error
+
+        known = known_error(exc)
+        if known is None:  # a bug: keep its traceback in the log, keep the session alive
+            log.error("the turn failed with an unexpected error", exc_info=exc)
+            self.say(f"[red]✗ internal error ({type(exc).__name__}): {_escape(str(exc))}[/red]")
+        else:
+            self.say(f"[red]✗ {_escape(known[1])}[/red]")
+
+    # --- commands ----------------------------------------------------------------------------
+    def cmd_help(self) -> None:
+        """Commands and a few things to ask."""
+        for name, what in HELP:
+            self.say(f"  [bold]{name:<9}[/bold] {what}")
+        self.say("Try asking:")
+        for example in EXAMPLES:
+            self.console.print(f"  {example}", markup=False, style="cyan")
+
+    def cmd_new(self) -> None:
+        """A fresh thread id; the old thread stays on disk."""
+        self.thread_id = f"cli:{self.user_id}:{uuid.uuid4().hex[:8]}"
+        self.say(f"New thread [cyan]{self.thread_id}[/cyan] — earlier messages are not part of it.")
+
+    def cmd_tools(self) -> None:
+        """Each tool's name, first line of its description, and whether it asks first."""
+        for tool in self.agent.tools():
+            first = (tool.get("description") or "").strip().split("\n")[0]
+            line = Text(f"  {tool['name']:<20}", style="bold")
+            line.append(first)
+            if tool.get("side_effects"):
+                line.append("  [asks first]", style="yellow")
+            self.console.print(line, emoji=False)
+
+    def cmd_history(self) -> None:
+        """The messages of the current thread."""
+        messages = self.agent.history(self.thread_id, user_id=self.user_id)
+        if not messages:
+            self.say(f"[dim](no messages in {self.thread_id} yet)[/dim]")
+        for message in messages:
+            who = "you" if message.get("role") == "user" else "stackwise"
+            line = Text(f"{who}: ", style="bold")
+            line.append(str(message.get("content", "")))
+            self.console.print(line, emoji=False)
+
+    def cmd_quit(self) -> None:
+        """Leave the REPL."""
+        raise _Quit
+
+    def say(self, markup: str) -> None:
+        self.console.print(markup, emoji=False)
+
+
+def run_repl(agent: Any, *, user_id: str, thread_id: str | None = None,
+             input_fn: Callable[[str], str] | None = None, console: Console | None = None) -> int:
+    """Run the REPL until /quit, Ctrl-D or two Ctrl-C; returns the exit code (0).
+
+    ``input_fn`` replaces the line reader (tests); without it, readline edits lines and keeps history.
+    """
+    console = console or Console(highlight=False)
+    save = None
+    if input_fn is None:
+        input_fn, save = _readline_input(Path(agent.settings.home) / "repl_history")
+    try:
+        return Repl(agent, user_id=user_id, thread_id=thread_id, input_fn=input_fn, console=console).run()
+    finally:
+        if save is not None:
+            save()

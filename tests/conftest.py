@@ -1,0 +1,51 @@
+"""Hermetic test set-up: a tmp STACKWISE_HOME per test, one BLAS thread, no network for models."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ[var] = "1"
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ["ANONYMIZED_TELEMETRY"] = "False"
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(autouse=True)
+def stackwise_home(tmp_path, monkeypatch) -> Path:
+    """Every test gets its own data folder, and no stray config file."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("STACKWISE_HOME", str(home))
+    monkeypatch.delenv("STACKWISE_CONFIG", raising=False)
+    monkeypatch.delenv("STACKWISE_DATA_ROOTS", raising=False)
+    monkeypatch.delenv("STACKWISE_BRAIN", raising=False)
+    return home
+
+
+@pytest.fixture
+def cli_env(stackwise_home) -> dict[str, str]:
+    """Environment for running the ``stackwise`` command in a subprocess."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STACKWISE_")}
+    env["STACKWISE_HOME"] = str(stackwise_home)
+    env["PYTHONWARNINGS"] = "ignore"
+    return env
+
+
+@pytest.fixture(scope="session")
+def stackwise_bin() -> str:
+    return str(BIN / "stackwise")
+
+
+@pytest.fixture(scope="session")
+def shared_agent_settings(tmp_path_factory):
+    """Settings for tests that share one Agent (model loading is the slow part)."""
+    from agent.settings import Settings
+
+    return Settings.from_env({"STACKWISE_HOME": str(tmp_path_factory.mktemp("shared-home"))})
