@@ -194,25 +194,22 @@ class Repl:
         self.say(f"New thread [cyan]{self.thread_id}[/cyan] — earlier messages are not part of it.")
 
     def cmd_tools(self) -> None:
-        """Each tool's name, first line of its description, and whether it asks first."""
+        """Each tool's name, what it does in one sentence (cut to the width), and whether it asks first."""
         for tool in self.agent.tools():
-            first = (tool.get("description") or "").strip().split("\n")[0]
-            line = Text(f"  {tool['name']:<20}", style="bold")
-            line.append(first)
-            if tool.get("side_effects"):
-                line.append("  [asks first]", style="yellow")
-            self.console.print(line, emoji=False)
+            name = f"  {tool['name']:<20} "
+            mark = "  [asks first]" if tool.get("side_effects") else ""
+            summary = Text(_first_sentence(tool.get("description") or ""))
+            summary.truncate(max(12, self.console.width - len(name) - len(mark) - 1), overflow="ellipsis")
+            self.console.print(Text.assemble((name, "bold"), summary, (mark, "yellow")), emoji=False)
 
     def cmd_history(self) -> None:
         """The messages of the current thread."""
         messages = self.agent.history(self.thread_id, user_id=self.user_id)
         if not messages:
-            self.say(f"[dim](no messages in {self.thread_id} yet)[/dim]")
+            self.say(f"[dim](no messages in {_escape(self.thread_id)} yet)[/dim]")
         for message in messages:
             who = "you" if message.get("role") == "user" else "stackwise"
-            line = Text(f"{who}: ", style="bold")
-            line.append(str(message.get("content", "")))
-            self.console.print(line, emoji=False)
+            self.console.print(Text.assemble((f"{who}: ", "bold"), str(message.get("content", ""))), emoji=False)
 
     def cmd_quit(self) -> None:
         """Leave the REPL."""
@@ -220,6 +217,18 @@ class Repl:
 
     def say(self, markup: str) -> None:
         self.console.print(markup, emoji=False)
+
+
+def _first_sentence(description: str) -> str:
+    """The first sentence of a docstring-style description, on one line.
+
+    Example:
+        >>> _first_sentence("Count the words in each text. Fast.")
+        'Count the words in each text.'
+    """
+    paragraph = " ".join(description.strip().split("\n\n")[0].split())
+    head, dot, _ = paragraph.partition(". ")
+    return head + dot.strip()
 
 
 def run_repl(agent: Any, *, user_id: str, thread_id: str | None = None,

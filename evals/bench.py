@@ -1,0 +1,117 @@
+"""``stackwise bench``: cold CLI start, warm turn overhead and embedding throughput, as one table.
+
+- cold ``stackwise ask``: wall time of a new process answering one message (median of N runs on a
+  prepared home, i.e. after the first run that caches the router's exemplar embeddings);
+- warm turn overhead: in one process, the time of a whole turn minus the time spent inside the
+  tool's own ``run`` (routing, slot filling, graph, checkpointing, answer writing);
+- embedding throughput: our embedder vs raw ``SentenceTransformer.encode`` on the same texts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+WARM_MESSAGES = [
+    "hi", "what can you do?", "谢谢", "how similar are 'king' and 'queen'?", "“猫”和“狗”有多相似？",
+    "what is QLoRA?", "什么是注意力机制？", "status of ft-3", "which features drive churn in churn.csv?",
+    "fine-tune Qwen2.5-0.5B on data.jsonl with lora rank 8", "no",
+    "explain LoRA, then compare 'cat' and 'dog'",
+]
+COLD_MESSAGES = {"chit-chat": "hi", "embedding": "how similar are 'king' and 'queen'?"}
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    k = max(0, min(len(ordered) - 1, round(q * (len(ordered) - 1))))
+    return ordered[k]
+
+
+def bench_cold(runs: int = 3) -> dict[str, dict[str, float]]:
+    exe = str(Path(sys.executable).parent / "stackwise")
+    out: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as home:
+        env = {**os.environ, "STACKWISE_HOME": home}
+        subprocess.run([exe, "ask", "hi", "--json"], env=env, capture_output=True, check=False)  # prepare
+        for label, message in COLD_MESSAGES.items():
+            times = []
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                proc = subprocess.run([exe, "ask", message, "--json", "--thread", f"bench-{label}"], env=env,
+                                      capture_output=True, text=True, check=False)
+                times.append(time.perf_counter() - t0)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"stackwise ask failed: {proc.stderr[-500:]}")
+            out[label] = {"median_s": statistics.median(times), "max_s": max(times)}
+    return out
+
+
+def bench_warm(settings: Any, rounds: int = 8) -> dict[str, float]:
+    from agent import Agent
+
+    agent = Agent(settings)
+    spent = {"tool": 0.0}
+    for tool in agent.registry:
+        inner = tool.run
+
+        def timed(args, ctx, _inner=inner):
+            t0 = time.perf_counter()
+            try:
+                return _inner(args, ctx)
+            finally:
+                spent["tool"] += time.perf_counter() - t0
+
+        tool.run = timed
+    try:
+        for msg in WARM_MESSAGES:  # warm-up: models loaded, caches filled
+            agent.ask(msg, thread_id="warmup")
+        overheads, totals = [], []
+        for r in range(rounds):
+            for msg in WARM_MESSAGES:
+                spent["tool"] = 0.0
+                t0 = time.perf_counter()
+                agent.ask(msg, thread_id=f"bench-{r}")
+                total = time.perf_counter() - t0
+                totals.append(total * 1000)
+                overheads.append((total - spent["tool"]) * 1000)
+    finally:
+        agent.close()
+    return {"turns": len(overheads), "overhead_p50_ms": _percentile(overheads, 0.5),
+            "overhead_p95_ms": _percentile(overheads, 0.95), "total_p50_ms": _percentile(totals, 0.5)}
+
+
+def run_bench(*, settings: Any, as_json: bool = False, quick: bool = False) -> int:
+    from evals.bench_embedding import bench_embedding
+
+    results = {
+        "cold_ask": bench_cold(runs=2 if quick else 3),
+        "warm_turn": bench_warm(settings.with_(home=Path(tempfile.mkdtemp(prefix="sw-bench-"))),
+                                rounds=3 if quick else 8),
+        "embedding": bench_embedding(n=300 if quick else 1000),
+    }
+    if as_json:
+        sys.stdout.write(json.dumps(results) + "\n")
+        return 0
+    w, e = results["warm_turn"], results["embedding"]
+    rows = [(f"cold `stackwise ask` ({k})", f"{v['median_s']:.2f} s median, {v['max_s']:.2f} s max", "≤ 6 s")
+            for k, v in results["cold_ask"].items()]
+    rows += [
+        ("warm turn overhead p50", f"{w['overhead_p50_ms']:.1f} ms", "≤ 20 ms"),
+        ("warm turn overhead p95", f"{w['overhead_p95_ms']:.1f} ms", ""),
+        ("warm turn total p50 (with tools)", f"{w['total_p50_ms']:.1f} ms", ""),
+        (f"embedding throughput, {e['n']} texts", f"{e['tool_texts_per_s']:.0f} vs {e['raw_texts_per_s']:.0f} texts/s "
+         f"(ratio {e['ratio']:.2f})", "≥ 0.9×"),
+        ("embedding max |diff| vs sentence-transformers", f"{e['max_abs_diff']:.2e}", "≤ 1e-5"),
+    ]
+    width = max(len(r[0]) for r in rows) + 2
+    print(f"{'benchmark':<{width}}{'measured':<44}target")
+    for name, value, target in rows:
+        print(f"{name:<{width}}{value:<44}{target}")
+    return 0
