@@ -44,7 +44,7 @@ eval: setup
 
 # Re-pin the lock from the current venv (run after changing dependencies).
 lock:
-	$(BIN)/pip freeze --exclude-editable | grep -v '^-e' | grep -v 'stackwise' > requirements.lock
+	$(BIN)/pip freeze --exclude-editable | grep -v '^-e' | grep -vi "^stackwise\|^torch==" > requirements.lock
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

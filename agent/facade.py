@@ -131,8 +131,10 @@ class Agent:
                 notice = T.NOTHING_PENDING[lang]
             payload = new_turn(text, user_id, notice)
         seen = 0
+        # durability="exit": one checkpoint write per turn (or per interrupt) instead of one per node;
+        # a crash mid-turn loses only that turn, never earlier history.
         while True:
-            for update in self.graph.stream(payload, config, stream_mode="updates"):
+            for update in self.graph.stream(payload, config, stream_mode="updates", durability="exit"):
                 for node, part in update.items():
                     if node == "__interrupt__" or not isinstance(part, dict):
                         continue

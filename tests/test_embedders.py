@@ -36,8 +36,10 @@ TEXTS = [
 
 
 def _mixed_batch(n: int = 70) -> list[str]:
+    """1 to 60 words, and every 20th text past the 256-token limit: three batches of 32 or fewer."""
     words = "model data loss gradient token vector layer attention query key value head".split()
-    return [" ".join(words[(i * 7 + k) % len(words)] for k in range(1 + (i * 37) % 300)) for i in range(n)]
+    sizes = [300 if i % 20 == 7 else 1 + (i * 37) % 60 for i in range(n)]
+    return [" ".join(words[(i * 7 + k) % len(words)] for k in range(size)) for i, size in enumerate(sizes)]
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ ISSUE = "it arrives with the fine-tune launcher"
 
 
 def _launch_preview(args: dict, lang: str) -> str:
-    method = str(args.get("method", "lora")).upper()
+    method = {"lora": "LoRA", "qlora": "QLoRA", "full": "full SFT"}.get(str(args.get("method", "lora")), "LoRA")
     if lang == "zh":
         return f"将用 {method} 在 {args.get('dataset')} 上微调 {args.get('base_model')}。"
     return f"Fine-tune {args.get('base_model')} on {args.get('dataset')} with {method}."
