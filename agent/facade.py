@@ -120,8 +120,10 @@ class Agent:
     def _run_turn(self, text: str, thread_id: str, user_id: str, config: dict, approve: bool | None):
         pending = self._pending_interrupts(config)
         decision = approval_of(text)
+        seen = 0
         if pending and decision is not None:
             payload: Any = Command(resume={"approve": decision})
+            seen = len(self.graph.get_state(config).values.get("trace", []))  # already streamed last turn
         else:
             notice = None
             lang = detect_language(text)
@@ -130,7 +132,6 @@ class Agent:
             elif decision is not None:
                 notice = T.NOTHING_PENDING[lang]
             payload = new_turn(text, user_id, notice)
-        seen = 0
         # durability="exit": one checkpoint write per turn (or per interrupt) instead of one per node;
         # a crash mid-turn loses only that turn, never earlier history.
         while True:

@@ -20,8 +20,8 @@ _SPLIT_EN = re.compile(
     r"[,;.?!]\s*afterwards\b|[,;]\s*also\b|\bthen also\b)\s*[,]?\s*",
     re.IGNORECASE,
 )
-_SPLIT_ZH = re.compile(r"\s*(?:[，,；;。？?！!]?\s*(?:然后|接着|随后|最后|并且)|[，,；;。？?！!]\s*(?:之后|再|另外|还有|同时|并))"
-                       r"\s*[，,]?\s*")
+_SPLIT_ZH = re.compile(r"\s*(?:[，,；;。？?！!]?\s*(?:然后|接着|随后|最后|并且)|"
+                       r"[，,；;。？?！!]\s*(?:之后|再|另外|还有|同时|并))\s*[，,]?\s*")
 _LEAD_ZH = re.compile(r"^\s*(?:请|麻烦)?\s*(?:先|再(?!见|次)|顺便|还要)\s*")
 _LEAD_EN = re.compile(r"^\s*first(?:ly)?\s*[,:]?\s*", re.IGNORECASE)
 

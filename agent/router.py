@@ -39,7 +39,8 @@ class RouteDecision:
 
     def explain(self) -> str:
         top = sorted(self.scores.items(), key=lambda kv: -kv[1])[:3]
-        return ", ".join(f"{name} {score:.2f}" for name, score in top)
+        # Scores are similarity plus evidence bonuses; shown capped at 1 so they read as confidences.
+        return ", ".join(f"{name} {min(score, 1.0):.2f}" for name, score in top)
 
 
 class SemanticRouter:
@@ -137,11 +138,11 @@ def _has_keyword(low: str, kw: str) -> bool:
 _QUESTION = re.compile(r"^(?:what|what's|whats|explain|how does|how do|how is|why|define|tell me about|describe|"
                        r"can you explain|could you explain|difference between|when should)\b|"
                        r"什么是|是什么|解释|介绍|原理|区别|什么意思|干什么|有什么(?:用|特别)|怎么选|为什么")
-_TRAIN_VERB = re.compile(r"fine-?tun|finetun|\btune\b|\btrain(?:ing)?\b|\bsft\b|微调|训练|launch|kick off|start a", re.IGNORECASE)
+_TRAIN_VERB = re.compile(r"fine-?tun|finetun|\btune\b|\btrain(?:ing)?\b|\bsft\b|微调|训练|launch|kick off|start a",
+                         re.IGNORECASE)
 _CANCEL_VERB = re.compile(r"\b(?:cancel|stop|abort|kill|terminate|halt)\b|取消|停止|终止|停掉|停了|杀掉|中止|结束|停下")
-_STATUS_WORD = re.compile(r"status|progress|done|finished|eta|loss|check|how(?:'s| is)|进度|状态|完成|跑完|多久|怎么样|loss")
-_SIMILARITY = re.compile(r"similar|similarity|distance|closest|nearest|close|far|apart|cosine|euclid|manhattan|dot product|"
-                         r"compare|embed|相似|距离|接近|余弦|欧氏|比较|向量|像")
+_SIMILARITY = re.compile(r"similar|similarity|distance|closest|nearest|close|far|apart|cosine|euclid|manhattan|"
+                         r"dot product|compare|embed|相似|距离|接近|余弦|欧氏|比较|向量|像")
 _FILE_WORD = re.compile(r"\S+\.(?:csv|parquet|jsonl|json|tsv|xlsx)\b", re.IGNORECASE)
 
 

@@ -32,7 +32,8 @@ _FAMILY = re.compile(
 )
 _LOCAL_MODEL = re.compile(r"(?<![\w])(\.{1,2}/[\w./-]+|/[\w.-]+(?:/[\w.-]+)+)(?![\w.])")
 _JOB = re.compile(r"\bft[-_ ]?(\d{1,9})\b", re.IGNORECASE)
-_RANK = re.compile(r"(?:(?:\brank|\blora[_ ]r(?:ank)?|秩)\s*(?:of|=|:|：|为|是|设为)?|\br\s*=)\s*(\d{1,5})\b", re.IGNORECASE)
+_RANK = re.compile(r"(?:(?:\brank|\blora[_ ]r(?:ank)?|秩)\s*(?:of|=|:|：|为|是|设为)?|\br\s*=)\s*(\d{1,5})\b",
+                   re.IGNORECASE)
 _ALPHA = re.compile(r"(?:\balpha|\blora[_ ]alpha|α)\s*(?:of|=|:|：|为|是)?\s*(\d{1,5})\b", re.IGNORECASE)
 _EPOCHS = re.compile(
     r"(?:\bepochs?\s*(?:=|:|：|of)?\s*" + _NUM + r"|" + _NUM + r"\s*(?:个\s*)?(?:epochs?|轮|个轮次|遍)"
@@ -40,7 +41,8 @@ _EPOCHS = re.compile(
     re.IGNORECASE,
 )
 _STEPS = re.compile(
-    r"(?:max[_ ]steps\s*(?:=|:|：|of)?\s*(\d+)|(\d+)\s*(?:training\s+)?steps\b|(\d+)\s*步|步数\s*(?:=|:|：|为)?\s*(\d+))",
+    r"(?:max[_ ]steps\s*(?:=|:|：|of)?\s*(\d+)|(\d+)\s*(?:training\s+)?steps\b|(\d+)\s*步|"
+    r"步数\s*(?:=|:|：|为)?\s*(\d+))",
     re.IGNORECASE,
 )
 _LR = re.compile(
@@ -80,7 +82,8 @@ _PAIR_EN = [
     re.compile(r"\bbetween\s+(.+?)\s+and\s+(.+?)(?:\s+(?:using|with|in)\b.*)?\s*[?.!]*$", re.IGNORECASE),
     re.compile(r"^(?:how\s+(?:similar|close|related)\s+(?:are|is)|are|is|compare)\s+(.+?)\s+(?:and|to|with)\s+"
                r"(.+?)(?:\s+(?:similar|alike|close|related|semantically)\b.*)?\s*[?.!]*$", re.IGNORECASE),
-    re.compile(r"^(?:[\w\s]*?:\s*)?([^\s,，]+(?:\s[^\s,，]+)?)\s+(?:vs\.?|versus)\s+([^\s,，?？!！.。-]+)", re.IGNORECASE),
+    re.compile(r"^(?:[\w\s]*?:\s*)?([^\s,，]+(?:\s[^\s,，]+)?)\s+(?:vs\.?|versus)\s+([^\s,，?？!！.。-]+)",
+               re.IGNORECASE),
 ]
 _LIST = [re.compile(r"([^\s,，、:：]+(?:\s*、\s*[^\s,，、:：?？]+){1,63})"),
          re.compile(r"(?:^|[:：]\s*)([A-Za-z]+(?:\s*,\s*(?:and\s+)?[A-Za-z]+){2,63})\s*(?:[?.!—–-]|$)")]
@@ -134,8 +137,8 @@ def zh_numerals(text: str) -> str:
             return str(_ZH_DIGITS.get(tens, 1) * 10 + _ZH_DIGITS.get(ones, 0)) + m.group(2)
         return str(_ZH_DIGITS[s]) + m.group(2)
 
-    return re.sub(r"([一二两三四五六七八九]?十[一二三四五六七八九]?|[一二两三四五六七八九])\s*(个?\s*(?:轮|遍|epoch|步))",
-                  conv, text)
+    digits = r"([一二两三四五六七八九]?十[一二三四五六七八九]?|[一二两三四五六七八九])"
+    return re.sub(digits + r"\s*(个?\s*(?:轮|遍|epoch|步))", conv, text)
 
 
 def _number(raw: str | None) -> float | int | None:

@@ -89,8 +89,8 @@ def failure_text(tool: str, error: dict, lang: str) -> str:
 
 
 PENDING = {
-    "en": "{preview}\nReply **yes** to go ahead or **no** to cancel.",
-    "zh": "{preview}\n回复 **是** 继续，或回复 **否** 取消。",
+    "en": "{preview}\nReply yes to go ahead, or no to cancel.",
+    "zh": "{preview}\n回复“是”继续，或回复“否”取消。",
 }
 DROPPED = {"en": "(The action waiting for your confirmation was dropped.)",
            "zh": "（之前等待确认的操作已放弃。）"}

@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     chat = sub.add_parser("chat", help="terminal REPL")
-    chat.add_argument("--thread", help="thread id (default: a new one)")
+    chat.add_argument("--thread", help="thread id (default: cli:<user>)")
     chat.add_argument("--user", default=None, help="user id (default: $USER)")
 
     ask = sub.add_parser("ask", help="ask one question")

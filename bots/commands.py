@@ -93,7 +93,7 @@ def cmd_tools(args: argparse.Namespace) -> int:
     else:
         for t in listing:
             mark = "  [asks first]" if t["side_effects"] else ""
-            first = t["description"].split("\n")[0]
+            first = " ".join(t["description"].split()).split(". ")[0].rstrip(".") + "."
             print(f"{t['name']:<20}{first}{mark}")
     return 0
 

@@ -93,7 +93,7 @@ class Repl:
 
     # --- the loop ----------------------------------------------------------------------------
     def run(self) -> int:
-        self.say(f"[bold]stackwise[/bold] · thread [cyan]{self.thread_id}[/cyan] · /help for commands")
+        self.say(f"[bold]stackwise[/bold] · thread [cyan]{_escape(self.thread_id)}[/cyan] · /help for commands")
         interrupted = False
         while True:
             try:
@@ -138,12 +138,13 @@ class Repl:
 
     # --- one turn ----------------------------------------------------------------------------
     def turn(self, text: str) -> None:
-        events = self.agent.stream(text, thread_id=self.thread_id, user_id=self.user_id)
+        events = None
         try:
+            events = self.agent.stream(text, thread_id=self.thread_id, user_id=self.user_id)
             for event in events:
                 self.show(event)
         except KeyboardInterrupt:
-            events.close()
+            getattr(events, "close", lambda: None)()  # ends the turn's generator (and releases its lock)
             self.say("\n[yellow]Stopped waiting for this turn (Ctrl-C). Ask again when you are ready.[/yellow]")
         except Exception as exc:
             self.error(exc)
@@ -191,7 +192,7 @@ class Repl:
     def cmd_new(self) -> None:
         """A fresh thread id; the old thread stays on disk."""
         self.thread_id = f"cli:{self.user_id}:{uuid.uuid4().hex[:8]}"
-        self.say(f"New thread [cyan]{self.thread_id}[/cyan] — earlier messages are not part of it.")
+        self.say(f"New thread [cyan]{_escape(self.thread_id)}[/cyan] — earlier messages are not part of it.")
 
     def cmd_tools(self) -> None:
         """Each tool's name, what it does in one sentence (cut to the width), and whether it asks first."""

