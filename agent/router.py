@@ -104,10 +104,14 @@ class SemanticRouter:
     def route(self, text: str, slots: dict[str, Any]) -> RouteDecision:
         scores = self.semantic_scores(text)
         low = mask_quotes(text).lower()
+        hits_by_tool = {}
         for name, tool in self.tools.items():
             hits = sum(1 for k in tool.keywords if _has_keyword(low, k))
-            scores[name] += min(0.12, 0.06 * hits)
-        _slot_features(scores, low, slots)
+            scores[name] += min(0.16, 0.08 * hits)
+            hits_by_tool[name] = hits
+        if any(hits_by_tool.values()) and not _THANKS.search(low):
+            scores[CHAT] -= 0.1   # it names something we work with: not small talk
+        _slot_features(scores, low, slots, on_topic=any(hits_by_tool.values()))
         best = max(scores, key=scores.get)
         if best == CHAT or scores[best] < self.threshold:
             return RouteDecision(None, scores[best], scores)
@@ -135,11 +139,20 @@ def _has_keyword(low: str, kw: str) -> bool:
     return re.search(rf"(?<![\w-]){re.escape(kw)}(?![\w-])", low) is not None
 
 
+_THANKS = re.compile(r"^\W*(?:thanks|thank you|thx|ty|cheers|great|cool|nice|awesome|ok|okay|got it)\b|"
+                     r"^\W*(?:谢谢|多谢|感谢|太好了|太棒了|好的|辛苦了|收到)")
 _QUESTION = re.compile(r"^(?:what|what's|whats|explain|how does|how do|how is|why|define|tell me about|describe|"
                        r"can you explain|could you explain|difference between|when should)\b|"
-                       r"什么是|是什么|解释|介绍|原理|区别|什么意思|干什么|有什么(?:用|特别)|怎么选|为什么")
-_TRAIN_VERB = re.compile(r"fine-?tun|finetun|\btune\b|\btrain(?:ing)?\b|\bsft\b|微调|训练|launch|kick off|start a",
-                         re.IGNORECASE)
+                       r"什么是|是什么|解释|介绍|原理|区别|什么意思|干什么|有什么(?:用|特别)|怎么选|为什么|"
+                       r"\beli5\b|\bgist\b|walk me through|what (?:does|do|is|are)\b|"
+                       r"科普|咋|啥|怎么(?:工作|回事|理解|用)|如何理解|有什么(?:区别|不同)|不一样")
+_QUESTIONISH = re.compile(r"[?？]\s*$|[?？]\s|吗|呢")
+_MY_JOB = re.compile(r"\bmy\s+(?:\w+\s+){0,2}(?:job|run|training|fine-?tune|finetune)|(?:我的|我那个|我那|刚才的)\s*"
+                     r"(?:\S{0,4})(?:任务|微调|训练)")
+_TRAIN_VERB = re.compile(r"fine-?t\w*n|finetun|\btune\b|\btrain(?:ing)?\b|\bsft\b|\badapt\b|微调|训练|训一下|"
+                         r"跑个|跑一下|launch|kick off|start a", re.IGNORECASE)
+_JOB_WORD = re.compile(r"\bjobs?\b|\bruns?\b|training|fine-?tun|finetun|progress|status|\beta\b|\bloss\b|"
+                       r"任务|训练|微调|进度|状态")
 _CANCEL_VERB = re.compile(r"\b(?:cancel|stop|abort|kill|terminate|halt)\b|取消|停止|终止|停掉|停了|杀掉|中止|结束|停下")
 _SIMILARITY = re.compile(r"similar|similarity|distance|closest|nearest|close|far|apart|cosine|euclid|manhattan|"
                          r"dot product|compare|embed|相似|距离|接近|余弦|欧氏|比较|向量|像")
@@ -151,7 +164,7 @@ def _bump(scores: dict[str, float], name: str, amount: float) -> None:
         scores[name] += amount
 
 
-def _slot_features(scores: dict[str, float], low: str, slots: dict[str, Any]) -> None:
+def _slot_features(scores: dict[str, float], low: str, slots: dict[str, Any], *, on_topic: bool = True) -> None:
     """Evidence from what the text carries; each rule encodes one reason a phrase leans one way.
 
     ``low`` is the lower-cased step with quoted spans masked, so words inside quotes
@@ -159,6 +172,7 @@ def _slot_features(scores: dict[str, float], low: str, slots: dict[str, Any]) ->
     """
     bare = _FILE_WORD.sub(" ", low)
     question = bool(_QUESTION.search(bare.strip()))
+    questionish = question or bool(_QUESTIONISH.search(bare))
     has_job = "job_id" in slots
     texts = len(slots.get("texts", []))
     files = slots.get("files") or []
@@ -177,6 +191,8 @@ def _slot_features(scores: dict[str, float], low: str, slots: dict[str, Any]) ->
         _bump(scores, "cancel_finetune", -0.1)
     if not has_job and question and not re.search(r"\bmy\b|我的|latest|最新", bare):
         _bump(scores, "finetune_status", -0.1)
+    if not has_job and not _JOB_WORD.search(bare):
+        _bump(scores, "finetune_status", -0.15)   # status of what? no job is mentioned
     if texts >= 2 and _SIMILARITY.search(bare):
         _bump(scores, "embedding_distance", 0.2)
         _bump(scores, CHAT, -0.15)
@@ -188,13 +204,20 @@ def _slot_features(scores: dict[str, float], low: str, slots: dict[str, Any]) ->
         _bump(scores, "shap_report", 0.1)
     if not files and not re.search(r"csv|parquet|data ?set|数据|表格|文件", bare):
         _bump(scores, "shap_report", -0.12)
-    if train and (slots.get("dataset") or slots.get("base_model")) and not question:
+    train_request = train and bool(slots.get("dataset") or slots.get("base_model")) and not question
+    if train_request:
         _bump(scores, "launch_finetune", 0.2)
         _bump(scores, "shap_report", -0.1)
     elif not train:
         _bump(scores, "launch_finetune", -0.1)
-    if question and not (files or has_job or texts >= 2):
-        _bump(scores, "explain_concept", 0.12)
+    if questionish and not (files or has_job or texts >= 2):
+        # A question about something we know is a concept question; "what's the weather?" is not.
+        _bump(scores, "explain_concept", (0.12 if question else 0.06) if on_topic else 0.03)
         _bump(scores, CHAT, -0.1)
+    if _MY_JOB.search(bare) and not train_request:
+        _bump(scores, "finetune_status", 0.15)
+        _bump(scores, "explain_concept", -0.12)
+    if _THANKS.search(bare) and not (files or has_job or texts >= 2):
+        _bump(scores, CHAT, 0.15)
     if files:
         _bump(scores, CHAT, -0.15)

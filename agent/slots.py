@@ -32,9 +32,10 @@ _FAMILY = re.compile(
 )
 _LOCAL_MODEL = re.compile(r"(?<![\w])(\.{1,2}/[\w./-]+|/[\w.-]+(?:/[\w.-]+)+)(?![\w.])")
 _JOB = re.compile(r"\bft[-_ ]?(\d{1,9})\b", re.IGNORECASE)
-_RANK = re.compile(r"(?:(?:\brank|\blora[_ ]r(?:ank)?|秩)\s*(?:of|=|:|：|为|是|设为)?|\br\s*=)\s*(\d{1,5})\b",
-                   re.IGNORECASE)
-_ALPHA = re.compile(r"(?:\balpha|\blora[_ ]alpha|α)\s*(?:of|=|:|：|为|是)?\s*(\d{1,5})\b", re.IGNORECASE)
+_SET = r"(?:of|=|:|：|为|是|设为|设成|设置为|设置成|to|at)?"
+_RANK = re.compile(r"(?:(?:\brank|\blora[_ ]r(?:ank)?|秩)\s*" + _SET + r"|\br\s*=)\s*(\d{1,5})\b", re.IGNORECASE)
+_ALPHA = re.compile(r"(?:\balpha|\blora[_ ]alpha|α)\s*(?:of|=|:|：|为|是|设为|设成|to|at)?\s*(\d{1,5})\b",
+                    re.IGNORECASE)
 _EPOCHS = re.compile(
     r"(?:\bepochs?\s*(?:=|:|：|of)?\s*" + _NUM + r"|" + _NUM + r"\s*(?:个\s*)?(?:epochs?|轮|个轮次|遍)"
     + r"|(?:训练|跑)\s*" + _NUM + r"\s*(?:轮|遍|个\s*epoch))",
@@ -50,17 +51,25 @@ _LR = re.compile(
     re.IGNORECASE,
 )
 _BATCH = re.compile(
-    r"(?:batch[_ ]size|\bbs|批大小|批量大小|批次大小|\bbatch)\s*(?:of|=|:|：|为|是)?\s*(\d{1,5})\b", re.IGNORECASE
+    r"(?:batch[_ ]size|\bbs|批大小|批量大小|批次大小|\bbatch)\s*(?:of|=|:|：|为|是|设为|设成|to)?\s*(\d{1,5})\b",
+    re.IGNORECASE
 )
 _SEQ = re.compile(
     r"(?:max[_ ]?(?:seq(?:uence)?[_ ]?)?len(?:gth)?|seq(?:uence)?[_ ]len(?:gth)?|context(?:[_ ]length)?|"
-    r"序列长度|最大长度|上下文长度)\s*(?:of|=|:|：|为|是)?\s*(\d{2,6})(k)?\b",
+    r"(?:最长|最大)?序列(?:长度)?|最大长度|上下文(?:长度)?|截断(?:长度)?)\s*(?:of|=|:|：|为|是|设为|设成|to)?\s*"
+    r"(\d{1,6})(k)?\b",
     re.IGNORECASE,
 )
+_SEQ_AFTER = re.compile(r"\b(\d{1,6})(k)?[- ]?(?:token|tok)s?\s+(?:context|sequences?|seq|max(?:imum)? length)\b|"
+                        r"\b(\d{1,6})(k)?\s+(?:context|seq(?:uence)? len(?:gth)?)\b", re.IGNORECASE)
 _ROW = re.compile(r"(?:\brow\s*(?:#|no\.?|number|index)?\s*(\d{1,9})\b|第\s*(\d{1,9})\s*行|(\d{1,9})\s*号?行)",
                   re.IGNORECASE)
 _TARGET = [
-    re.compile(r"\btarget(?:\s+column)?\s*(?:is|=|:|of|being)?\s*[`'\"“]?([A-Za-z_][\w.-]*)", re.IGNORECASE),
+    re.compile(r"\b(?:target|label)(?:\s+column)?\s*(?:is|=|:|of|being|是|为)?\s*[`'\"“]?([A-Za-z_][\w.-]*)",
+               re.IGNORECASE),
+    re.compile(r"\bcolumn\s*[`'\"“]([A-Za-z_][\w.-]*)[`'\"”]", re.IGNORECASE),
+    re.compile(r"[`'\"“「]?([A-Za-z_][\w-]*)[`'\"”」]?\s*(?:这一列|这列|那一列|列)"),
+    re.compile(r"\.(?:csv|tsv|parquet|xlsx)\s*(?:里|中)?的\s*[`'\"“]?([A-Za-z_][\w-]*)", re.IGNORECASE),
     re.compile(r"(?:目标列?|标签列?|预测目标)\s*(?:是|为|=|:|：)?\s*[`'\"“「]?([\w.\u4e00-\u9fff-]+?)[`'\"”」]?(?=$|[\s,，。？?！!；;])"),
     re.compile(r"\b(?:predicting|predicts?|drives?|driving|affect(?:s|ing)?|influences?|explain(?:ing|s)?)\s+"
                r"(?:the\s+)?[`'\"]?([A-Za-z_][\w-]*)", re.IGNORECASE),
@@ -68,10 +77,11 @@ _TARGET = [
     re.compile(r"预测\s*[`'\"“]?([A-Za-z_][\w-]*)"),
     re.compile(r"\b(?:matters?|important|contributes?|contributing|impacts?|determines?|explains?)\s+(?:for|to|on)\s+"
                r"(?:the\s+)?[`'\"]?([A-Za-z_][\w-]*)", re.IGNORECASE),
-    re.compile(r"(?:影响|决定了?|驱动|解释)\s*(?:了)?\s*[`'\"“]?([A-Za-z_][\w-]*)"),
+    re.compile(r"(?:影响|决定了?|驱动|解释|左右)\s*(?:了)?\s*[`'\"“]?([A-Za-z_][\w-]*)"),
 ]
 _NOT_TARGET = {"the", "a", "an", "my", "this", "that", "it", "model", "data", "features", "feature", "which",
-               "what", "me", "for", "in", "of", "on", "to", "with", "prediction", "predictions", "row", "is"}
+               "what", "me", "for", "in", "of", "on", "to", "with", "prediction", "predictions", "row", "is", "shap",
+               "report", "csv", "file", "column", "columns"}
 _METRICS = [("cosine", r"cosine|余弦"), ("euclidean", r"euclid|欧氏|欧几里[得德]|\bl2\b|欧式"),
             ("dot", r"dot[- ]product|\bdot\b|inner product|点积|内积"), ("manhattan", r"manhattan|曼哈顿|\bl1\b")]
 _EMBED_MODELS = re.compile(
@@ -87,6 +97,8 @@ _PAIR_EN = [
 ]
 _LIST = [re.compile(r"([^\s,，、:：]+(?:\s*、\s*[^\s,，、:：?？]+){1,63})"),
          re.compile(r"(?:^|[:：]\s*)([A-Za-z]+(?:\s*,\s*(?:and\s+)?[A-Za-z]+){2,63})\s*(?:[?.!—–-]|$)")]
+_PAIR_ZH_LOOSE = re.compile(r"^([\w\u4e00-\u9fff]{1,12}?)\s*(?:和|与|跟|同)\s*([\w\u4e00-\u9fff]{1,12}?)\s*"
+                            r"(?=在|的|之间|这两|embedding|向量|语义|离得|有多|相似|距离|接近|像)")
 _PAIR_ZH = re.compile(
     r"^(?:请问|帮我|计算|算一下|算算|比较一下|比较)?\s*([\w\u4e00-\u9fff]+?)\s*(?:和|与|跟|同)\s*([\w\u4e00-\u9fff]+?)\s*"
     r"(?:这两个(?:词|句子|短语|文本)?)?(?:之间)?(?:的)?(?:语义|嵌入|向量|词向量)?(?:相似度|距离|余弦|有多(?:相似|接近|像)|相似吗|像不像|多相似|相近|接近)"
@@ -168,6 +180,9 @@ def extract_texts(text: str) -> list[str]:
     m = _PAIR_ZH.search(text.strip())
     if m:
         return [g.strip() for g in m.groups()]
+    m = _PAIR_ZH_LOOSE.search(text.strip())
+    if m and re.search(r"相似|距离|接近|离得|近吗|远吗|像|embedding|向量", text, re.IGNORECASE):
+        return [g.strip() for g in m.groups()]
     if not re.search(r"closest|similar|distance|nearest|相似|接近|距离|最近|最像", text, re.IGNORECASE):
         return []
     for rx in _LIST:
@@ -242,9 +257,13 @@ def extract_slots(text: str, lang: str = "en") -> dict[str, Any]:
             slots["learning_rate"] = float(lr)
         except ValueError:
             pass
-    m = _SEQ.search(text)
+    m = _SEQ.search(text) or _SEQ_AFTER.search(text)
     if m:
-        slots["max_seq_len"] = int(m.group(1)) * (1024 if m.group(2) else 1)
+        digits, kilo = [g for g in m.groups() if g is not None and g.lower() != "k"][0], "k" in (
+            g.lower() for g in m.groups() if g)
+        length = int(digits) * (1024 if kilo else 1)
+        if length >= 16:
+            slots["max_seq_len"] = length
     job = _first(_JOB, text)
     if job:
         slots["job_id"] = f"ft-{int(job)}"

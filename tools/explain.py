@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from tools.base import not_available, tool
+from tools.topics import TOPIC_TERMS
 
 
 class ExplainArgs(BaseModel):
@@ -22,7 +23,8 @@ class ExplainArgs(BaseModel):
 
 @tool(
     args=ExplainArgs,
-    keywords=("what is", "explain", "how does", "meaning", "什么是", "解释", "介绍", "原理", "区别"),
+    keywords=("what is", "explain", "how does", "meaning", "eli5", "什么是", "解释", "介绍", "原理", "区别", "科普",
+              *TOPIC_TERMS),
     exemplars={
         "en": [
             "what is QLoRA?",
