@@ -16,10 +16,10 @@ from agent import templates as T
 from agent.graph import build_graph, default_context_factory
 from agent.language import detect_language
 from agent.reply import Reply
-from agent.settings import Settings
+from agent.settings import Settings, SettingsError
 from agent.state import new_turn
+from agent.toolbox import Toolbox, embedder_factory
 from memory.checkpoints import StoreError, describe_sqlite_error, open_checkpointer
-from tools.base import ToolContext
 from tools.registry import ToolRegistry
 
 _YES = re.compile(r"^(?:y|yes|yep|yeah|sure|ok|okay|confirm|confirmed|approve|go|go ahead|do it|launch|run it|"
@@ -36,12 +36,6 @@ class InputError(ValueError):
         super().__init__(message)
         self.type = type
         self.message = message
-
-
-def _embedder_factory(name: str | None = None) -> Any:
-    from memory.embedders import load_embedder
-
-    return load_embedder(name)
 
 
 def approval_of(text: str) -> bool | None:
@@ -62,11 +56,15 @@ class Agent:
         from agent.brains.local import LocalBrain
         from agent.router import SemanticRouter
 
+        if settings.brain != "local":
+            raise SettingsError(f"The {settings.brain} brain is not available in this version yet; "
+                                "use the local brain (--brain local, or unset STACKWISE_BRAIN).")
         self.settings = settings
         settings.home.mkdir(parents=True, exist_ok=True)
-        self.registry = registry or ToolRegistry.default()
-        self._embedder_factory = _embedder_factory
-        router = SemanticRouter(list(self.registry), router_embedder or _embedder_factory(settings.router_model),
+        self.toolbox = Toolbox(settings, registry)
+        self.registry = self.toolbox.registry
+        self._embedder_factory = embedder_factory
+        router = SemanticRouter(list(self.registry), router_embedder or embedder_factory(settings.router_model),
                                 threshold=settings.router_threshold, cache_dir=settings.cache_dir)
         self.brain = LocalBrain(self.registry, router)
         self.checkpointer = checkpointer if checkpointer is not None else open_checkpointer(settings.threads_db)
@@ -95,8 +93,9 @@ class Agent:
         return text
 
     def _config(self, thread_id: str, user_id: str) -> dict:
-        # Threads are keyed by user, so no user can open another's thread by guessing its id.
-        return {"configurable": {"thread_id": f"{user_id}|{thread_id}"}}
+        # Threads are keyed by user, so no user can open another's thread by guessing its id; the
+        # length prefix keeps the key unambiguous whatever characters the two ids contain.
+        return {"configurable": {"thread_id": f"{len(user_id)}:{user_id}|{thread_id}"}}
 
     def _pending_interrupts(self, config: dict) -> list:
         snap = self.graph.get_state(config)
@@ -104,7 +103,8 @@ class Agent:
 
     def stream(self, text: str, *, thread_id: str | None = None, user_id: str = "local",
                approve: bool | None = None) -> Iterator[dict]:
-        """Events of one turn as they happen: ``step``, ``tool``, ``pending``, then ``reply``.
+        """Events of one turn as they happen: ``step`` (kind, text), ``tool`` (a call record, as soon as
+        the tool returns), ``pending`` (a confirmation request), and last ``reply`` (the ``Reply``).
 
         ``approve=True`` (``--yes``) answers every confirmation of this turn with yes.
         """
@@ -132,6 +132,7 @@ class Agent:
             elif decision is not None:
                 notice = T.NOTHING_PENDING[lang]
             payload = new_turn(text, user_id, notice)
+        shown: set[int] = set()
         # durability="exit": one checkpoint write per turn (or per interrupt) instead of one per node;
         # a crash mid-turn loses only that turn, never earlier history.
         while True:
@@ -143,6 +144,12 @@ class Agent:
                     for step in trace[seen:]:
                         yield {"type": "step", **step}
                     seen = max(seen, len(trace))
+                    if node == "advance":
+                        for call in part.get("plan") or []:
+                            record = call.get("record")
+                            if record and call.get("status") in ("done", "failed") and id(record) not in shown:
+                                shown.add(id(record))
+                                yield {"type": "tool", "record": record}
             interrupts = self._pending_interrupts(config)
             if interrupts and approve is not None:
                 payload = Command(resume={"approve": approve})
@@ -163,7 +170,11 @@ class Agent:
             request = interrupts[0].value
             pending = {"id": request["id"], "tool": request["tool"], "args": request["args"],
                        "preview": request["preview"]}
-            answer = T.PENDING[lang].format(preview=request["preview"])
+            settled = self.brain.compose_settled(values.get("plan", []), lang)
+            parts = [request.get("notice"), settled, T.PENDING[lang].format(preview=request["preview"])]
+            if request.get("held"):
+                parts.append(T.HELD[lang] + "\n" + "\n".join(f"- {h}" for h in request["held"]))
+            answer = "\n\n".join(p for p in parts if p)
         return Reply(thread_id=thread_id, answer=answer, steps=values.get("trace", []), tool_calls=calls,
                      citations=values.get("citations", []), attachments=values.get("attachments", []),
                      pending=pending)
@@ -217,13 +228,11 @@ class Agent:
 
     # --- tools -------------------------------------------------------------------------------
     def tools(self) -> list[dict]:
-        return self.registry.describe()
+        return self.toolbox.tools()
 
     def call_tool(self, name: str, args: Any, *, user_id: str = "local") -> dict:
         """Run one tool directly (no routing, no confirmation) and return its call record."""
-        ctx = ToolContext(home=self.settings.home, user_id=user_id, data_roots=tuple(self.settings.data_roots),
-                          embedder=self._embedder_factory)
-        return self.registry.call(name, args, ctx)
+        return self.toolbox.call_tool(name, args, user_id=user_id)
 
     def close(self) -> None:
         conn = getattr(self.checkpointer, "conn", None)

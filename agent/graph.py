@@ -1,4 +1,8 @@
-"""The brain's graph: understand → route → confirm → act → reflect → respond.
+"""The brain's graph: understand → route → (advance ⇄ confirm)* → reflect → respond.
+
+``advance`` is the *act* step: it runs the plan's calls one per visit, in the order the user asked;
+a call with side effects first passes its preflight and then waits in ``confirm`` (a LangGraph
+``interrupt``) for an explicit yes or no.
 
 Nodes are verbs that return partial state. ``build_graph`` returns the uncompiled builder, so
 tests and LangGraph Studio (``langgraph.json``) compile it with the checkpointer they want.
@@ -7,6 +11,7 @@ The brain (``agent.brains``) fills *route* and *respond*; everything else is sha
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Any, Literal
 
@@ -49,55 +54,60 @@ class TurnNodes:
             trace.append(_step("route", self.brain.route_text(call, state["lang"])))
         return {"plan": plan, "trace": trace}
 
-    def confirm(self, state: TurnState) -> dict:
-        """Validate and preflight side-effect calls, then stop for an explicit yes."""
+    def advance(self, state: TurnState) -> dict:
+        """Run the next call of the plan, in order; a side-effect call first gets a preflight and
+        waits for ``confirm``. Read-only calls before it have run, so the pending reply shows them."""
         plan = [dict(c) for c in state["plan"]]
         trace = list(state["trace"])
+        update: dict = {"plan": plan, "trace": trace}
+        call = next((c for c in plan if c.get("status") in ("planned", "approved")), None)
+        if call is None:
+            return update
+        tool = self.registry.get(call["tool"])
         ctx = self.make_context(state)
-        for call in plan:
-            if not call.get("tool") or call.get("status") != "planned":
-                continue
-            tool = self.registry.get(call["tool"])
-            if not tool.side_effects:
-                continue
+        if tool.side_effects and call["status"] == "planned":
             try:
                 preflight = self.registry.preflight(tool.name, call["args"], ctx)
             except ToolError as exc:
                 call["status"] = "failed"
                 call["record"] = call_record(tool.name, call["args"], ok=False, error=exc.to_dict())
-                continue
-            preview = self.brain.preview_text(tool, call["args"], preflight, state["lang"])
-            request = {"id": f"confirm-{uuid.uuid4().hex[:8]}", "tool": tool.name, "args": call["args"],
-                       "preview": preview}
-            answer = interrupt(request)
-            approved = bool(answer.get("approve")) if isinstance(answer, dict) else answer is True
-            call["status"] = "approved" if approved else "declined"
-            if not approved:
-                call["record"] = call_record(tool.name, call["args"], ok=False, error={
-                    "type": "declined", "message": "Not run: you declined the confirmation."})
-            trace.append(_step("reflect", self.brain.decision_text(tool.name, approved, state["lang"])))
-        return {"plan": plan, "trace": trace}
+                trace.append(_step("tool", self.brain.tool_text(call["record"], state["lang"])))
+                return update
+            call["status"] = "awaiting"
+            call["preview"] = self.brain.preview_text(tool, call["args"], preflight, state["lang"])
+            return update
+        record = self.registry.call(call["tool"], call["args"], ctx)
+        call["record"] = record
+        call["status"] = "done" if record["ok"] else "failed"
+        trace.append(_step("tool", self.brain.tool_text(record, state["lang"])))
+        if record["ok"]:
+            result = record["result"] if isinstance(record["result"], dict) else {}
+            update["attachments"] = [*(state.get("attachments") or []), *result.get("attachments", [])]
+            cites = result.get("citations")
+            update["citations"] = [*(state.get("citations") or []), *(cites if isinstance(cites, list) else [])]
+            memo = dict(state.get("memo") or {})
+            _remember(memo, call["tool"], record)
+            update["memo"] = memo
+        return update
 
-    def act(self, state: TurnState) -> dict:
+    def confirm(self, state: TurnState) -> dict:
+        """Stop the graph until the user says yes or no; only a resume can answer (never message text)."""
         plan = [dict(c) for c in state["plan"]]
-        trace = list(state["trace"])
-        memo = dict(state.get("memo") or {})
-        attachments = list(state.get("attachments") or [])
-        citations = list(state.get("citations") or [])
-        ctx = self.make_context(state)
-        for call in plan:
-            if not call.get("tool") or call.get("status") not in ("planned", "approved"):
-                continue
-            record = self.registry.call(call["tool"], call["args"], ctx)
-            call["record"] = record
-            call["status"] = "done" if record["ok"] else "failed"
-            trace.append(_step("tool", self.brain.tool_text(record, state["lang"])))
-            if record["ok"]:
-                result = record["result"] if isinstance(record["result"], dict) else {}
-                attachments.extend(result.get("attachments", []))
-                citations.extend(result.get("citations", []) if isinstance(result.get("citations"), list) else [])
-                _remember(memo, call["tool"], record)
-        return {"plan": plan, "trace": trace, "memo": memo, "attachments": attachments, "citations": citations}
+        call = next(c for c in plan if c.get("status") == "awaiting")
+        held = [f"{c['tool']} {json.dumps(c['args'], ensure_ascii=False)}" for c in plan
+                if c.get("status") == "planned" and c is not call]
+        request = {"id": f"confirm-{call.get('confirm_id') or uuid.uuid4().hex[:8]}", "tool": call["tool"],
+                   "args": call["args"], "preview": call["preview"], "notice": state.get("notice"),
+                   "held": held}
+        answer = interrupt(request)
+        approved = bool(answer.get("approve")) if isinstance(answer, dict) else answer is True
+        call["status"] = "approved" if approved else "declined"
+        if not approved:
+            call["record"] = call_record(call["tool"], call["args"], ok=False, error={
+                "type": "declined", "message": "Not run: you declined the confirmation."})
+        trace = [*state["trace"], _step("reflect", self.brain.decision_text(call["tool"], approved, state["lang"]))]
+        # The notice (e.g. "the earlier pending action was dropped") was shown with the question.
+        return {"plan": plan, "trace": trace, "notice": None}
 
     def reflect(self, state: TurnState) -> dict:
         trace = list(state["trace"])
@@ -131,27 +141,26 @@ def _remember(memo: dict, tool: str, record: dict) -> None:
         memo["last_texts"] = args["texts"]
 
 
-def needs_confirmation(nodes: TurnNodes) -> Any:
-    def decide(state: TurnState) -> Literal["confirm", "act"]:
-        for call in state.get("plan", []):
-            if call.get("tool") in nodes.registry and nodes.registry.get(call["tool"]).side_effects:
-                return "confirm"
-        return "act"
-
-    return decide
+def next_node(state: TurnState) -> Literal["confirm", "advance", "reflect"]:
+    """After routing or a call: ask, run the next call, or reflect when every call is settled."""
+    plan = state.get("plan", [])
+    if any(c.get("status") == "awaiting" for c in plan):
+        return "confirm"
+    if any(c.get("status") in ("planned", "approved") for c in plan):
+        return "advance"
+    return "reflect"
 
 
 def build_graph(brain: Any, registry: ToolRegistry, make_context: Any) -> StateGraph:
     """The uncompiled graph; compile it with a checkpointer."""
     nodes = TurnNodes(brain, registry, make_context)
     g = StateGraph(TurnState)
-    for name in ("understand", "route", "confirm", "act", "reflect", "respond"):
+    for name in ("understand", "route", "advance", "confirm", "reflect", "respond"):
         g.add_node(name, getattr(nodes, name))
     g.add_edge(START, "understand")
     g.add_edge("understand", "route")
-    g.add_conditional_edges("route", needs_confirmation(nodes), ["confirm", "act"])
-    g.add_edge("confirm", "act")
-    g.add_edge("act", "reflect")
+    for node in ("route", "advance", "confirm"):
+        g.add_conditional_edges(node, next_node, ["confirm", "advance", "reflect"])
     g.add_edge("reflect", "respond")
     g.add_edge("respond", END)
     return g

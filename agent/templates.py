@@ -92,6 +92,7 @@ PENDING = {
     "en": "{preview}\nReply yes to go ahead, or no to cancel.",
     "zh": "{preview}\n回复“是”继续，或回复“否”取消。",
 }
+HELD = {"en": "After your answer I will also run:", "zh": "你确认之后，我还会执行："}
 DROPPED = {"en": "(The action waiting for your confirmation was dropped.)",
            "zh": "（之前等待确认的操作已放弃。）"}
 NOTHING_PENDING = {"en": "There is nothing waiting for a confirmation in this thread.",

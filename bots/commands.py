@@ -31,11 +31,11 @@ def _agent(args: argparse.Namespace, **overrides: Any):
     return Agent(_settings(args, **overrides))
 
 
-def render_reply(reply: Any, out=sys.stdout) -> None:
+def render_reply(reply: Any, out=None) -> None:
     """Human-readable reply: dimmed steps, the answer, attachments, what to do for a pending action."""
     from rich.console import Console
 
-    console = Console(file=out, highlight=False, soft_wrap=True)
+    console = Console(file=out or sys.stdout, highlight=False, soft_wrap=True)
     for step in reply.steps:
         console.print(f"[dim]· {step.kind}: {step.text}[/dim]", markup=True, emoji=False)
     console.print(reply.answer, markup=False, emoji=False)
@@ -62,19 +62,9 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 def cmd_tool(args: argparse.Namespace) -> int:
-    from tools.registry import call_record
+    from agent import Toolbox
 
-    try:
-        parsed = json.loads(args.args)
-    except json.JSONDecodeError as exc:
-        record = call_record(args.name, args.args, ok=False, error={
-            "type": "invalid_json", "message": f"--args is not valid JSON: {exc.msg} at column {exc.colno}."})
-    else:
-        agent = _agent(args)
-        try:
-            record = agent.call_tool(args.name, parsed, user_id=_user(args))
-        finally:
-            agent.close()
+    record = Toolbox(_settings(args)).call_tool_json(args.name, args.args, user_id=_user(args), what="--args")
     if args.json:
         _print_json(record)
     elif record["ok"]:
@@ -85,9 +75,9 @@ def cmd_tool(args: argparse.Namespace) -> int:
 
 
 def cmd_tools(args: argparse.Namespace) -> int:
-    from tools.registry import ToolRegistry
+    from agent import Toolbox
 
-    listing = ToolRegistry.default().describe()
+    listing = Toolbox(_settings(args)).tools()
     if args.json:
         _print_json({"tools": listing})
     else:

@@ -127,7 +127,7 @@ def test_a_locked_thread_database_fails_fast_with_locked(stackwise_bin, cli_env,
         holder.close()
     assert proc.returncode == 1
     assert "locked" in one_json(proc.stdout)["error"]["message"]
-    assert elapsed < 20, f"took {elapsed:.1f} s to report the lock"
+    assert elapsed < 25, f"took {elapsed:.1f} s to report the lock"
 
 
 def test_ask_yes_attempts_the_launch_without_stopping(stackwise_bin, cli_env):
@@ -229,3 +229,11 @@ def test_home_flag_puts_the_threads_there(capsys, tmp_path):
     code, _, _ = run_main(capsys, "--home", str(home), "ask", "hi", "--json", "--user", "u9")
     assert code == 0
     assert (home / "threads.sqlite").is_file()
+
+
+def test_tool_does_not_need_the_thread_database(capsys, stackwise_home):
+    stackwise_home.mkdir(parents=True, exist_ok=True)
+    (stackwise_home / "threads.sqlite").write_bytes(b"\x00garbage" * 100)
+    code, out, _ = run_main(capsys, "tool", "word_count", "--args", '{"texts":["a b"]}', "--json")
+    assert one_json(out)["ok"] is True
+    assert code == 0

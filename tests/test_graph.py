@@ -176,9 +176,6 @@ def test_a_message_that_is_not_yes_or_no_drops_the_pending_action(agent):
     assert late.tool_calls == [] and late.pending is None
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: when the message that drops a pending confirmation itself stops for "
-                                       "a confirmation, the reply has no drop notice; the stale notice then shows "
-                                       "up in the answer to the next 'yes'")
 def test_dropping_notice_is_shown_when_the_new_message_also_needs_confirmation(agent):
     thread = new_thread()
     ask(agent, LAUNCH, thread)
@@ -280,8 +277,6 @@ def test_same_thread_id_for_another_user_is_a_different_thread(agent):
     assert mine.tool_calls[0].error["type"] == "declined"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: threads are keyed as f'{user}|{thread}', so user 'a|b' thread 'c' and "
-                                       "user 'a' thread 'b|c' are the same thread (one user reads another's)")
 def test_thread_keys_cannot_collide_across_users(agent):
     ask(agent, "hi there", "c", user="ann|b")
     assert agent.history("b|c", user_id="ann") == []

@@ -41,6 +41,19 @@ class ToolError(Exception):
         return {"type": self.type, "message": self.message}
 
 
+def safe_segment(name: str) -> str:
+    """``name`` as one harmless path component: anything but letters, digits and ``_@+-`` is
+    %-escaped, so ``../bob`` or ``a/b`` can never point into another user's folder.
+
+    Example:
+        >>> safe_segment("alice"), safe_segment("../bob"), safe_segment("telegram:42")
+        ('alice', '%2E%2E%2Fbob', 'telegram%3A42')
+    """
+    escaped = "".join(ch if ch.isascii() and (ch.isalnum() or ch in "_@+-") else
+                      "".join(f"%{b:02X}" for b in ch.encode()) for ch in name)
+    return escaped or "%00"
+
+
 @dataclass(kw_only=True)
 class ToolContext:
     """What a tool may use, injected by the caller; tools never read the environment."""
@@ -59,7 +72,7 @@ class ToolContext:
 
     @property
     def uploads_dir(self) -> Path:
-        return self.home / "uploads" / self.user_id
+        return self.home / "uploads" / safe_segment(self.user_id)
 
 
 @dataclass(kw_only=True)

@@ -23,14 +23,16 @@ def resolve_user_path(raw: str, ctx: ToolContext, *, must_exist: bool = True) ->
     roots = allowed_roots(ctx)
     given = Path(raw).expanduser()
     candidates = [given] if given.is_absolute() else [root / given for root in [ctx.uploads_dir.resolve(), *roots]]
-    inside = []
+    inside, escaped = [], False
     for cand in candidates:
         real = cand.resolve()
         if any(real == r or real.is_relative_to(r) for r in roots):
             inside.append(real)
             if not must_exist or real.exists():
                 return real
-    if not inside:
+        elif cand.is_symlink() or (cand.exists() and not given.is_absolute()):
+            escaped = True   # a link (or ../ path) inside a root that leads outside
+    if not inside or escaped:
         names = ", ".join(str(r) for r in roots)
         raise ToolError("forbidden_path", f"{raw!r} is outside the folders I may read ({names}).")
     raise ToolError("not_found", f"I can't find {raw!r} in your uploads or the working directory.")

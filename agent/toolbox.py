@@ -1,0 +1,48 @@
+"""Direct tool access without the graph, the router or the thread database.
+
+``stackwise tool`` / ``stackwise tools`` and ``Agent.call_tool`` use it, so running one tool never
+depends on a healthy ``threads.sqlite`` or on loading the router's model.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from agent.settings import Settings
+from tools.base import ToolContext
+from tools.registry import ToolRegistry, call_record
+
+
+def embedder_factory(name: str | None = None) -> Any:
+    """The shared, cached embedder for ``name`` (imported lazily: numpy-only until first use)."""
+    from memory.embedders import load_embedder
+
+    return load_embedder(name)
+
+
+class Toolbox:
+    def __init__(self, settings: Settings, registry: ToolRegistry | None = None):
+        self.settings = settings
+        self.registry = registry or ToolRegistry.default()
+
+    def context(self, user_id: str, lang: str = "en") -> ToolContext:
+        return ToolContext(home=self.settings.home, user_id=user_id, data_roots=tuple(self.settings.data_roots),
+                           lang=lang, embedder=embedder_factory)
+
+    def tools(self) -> list[dict]:
+        """Name, description, JSON schema and side effects of every tool."""
+        return self.registry.describe()
+
+    def call_tool(self, name: str, args: Any, *, user_id: str = "local") -> dict:
+        """Run one tool (no routing, no confirmation); always a tool-call record."""
+        return self.registry.call(name, args, self.context(user_id))
+
+    def call_tool_json(self, name: str, raw_args: str, *, user_id: str = "local", what: str = "The arguments") -> dict:
+        """``call_tool`` with the arguments as JSON text; text that is not JSON is an ``ok: false`` record."""
+        try:
+            args = json.loads(raw_args)
+        except json.JSONDecodeError as exc:
+            message = f"{what} is not valid JSON: {exc.msg} at column {exc.colno}."
+            return call_record(name, raw_args, ok=False, error={"type": "invalid_json", "message": message})
+        return self.call_tool(name, args, user_id=user_id)
