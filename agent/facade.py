@@ -97,8 +97,8 @@ class Agent:
         # length prefix keeps the key unambiguous whatever characters the two ids contain.
         return {"configurable": {"thread_id": f"{len(user_id)}:{user_id}|{thread_id}"}}
 
-    def _pending_interrupts(self, config: dict) -> list:
-        snap = self.graph.get_state(config)
+    def _pending_interrupts(self, config: dict, snap: Any = None) -> list:
+        snap = snap if snap is not None else self.graph.get_state(config)
         return list(getattr(snap, "interrupts", ()) or ())
 
     def stream(self, text: str, *, thread_id: str | None = None, user_id: str = "local",
@@ -118,12 +118,13 @@ class Agent:
                 raise StoreError(describe_sqlite_error(self.settings.threads_db, exc)) from None
 
     def _run_turn(self, text: str, thread_id: str, user_id: str, config: dict, approve: bool | None):
-        pending = self._pending_interrupts(config)
+        before = self.graph.get_state(config)
+        pending = self._pending_interrupts(config, before)
         decision = approval_of(text)
         seen = 0
         if pending and decision is not None:
             payload: Any = Command(resume={"approve": decision})
-            seen = len(self.graph.get_state(config).values.get("trace", []))  # already streamed last turn
+            seen = len(before.values.get("trace", []))  # these steps were streamed with the question
         else:
             notice = None
             lang = detect_language(text)
@@ -150,18 +151,18 @@ class Agent:
                             if record and call.get("status") in ("done", "failed") and id(record) not in shown:
                                 shown.add(id(record))
                                 yield {"type": "tool", "record": record}
-            interrupts = self._pending_interrupts(config)
+            snap = self.graph.get_state(config)
+            interrupts = self._pending_interrupts(config, snap)
             if interrupts and approve is not None:
                 payload = Command(resume={"approve": approve})
                 continue
             break
-        reply = self._reply(config, thread_id, interrupts)
+        reply = self._reply(snap.values, thread_id, interrupts)
         if reply.pending:
             yield {"type": "pending", "pending": reply.pending.model_dump()}
         yield {"type": "reply", "reply": reply}
 
-    def _reply(self, config: dict, thread_id: str, interrupts: list) -> Reply:
-        values = self.graph.get_state(config).values
+    def _reply(self, values: dict, thread_id: str, interrupts: list) -> Reply:
         lang = values.get("lang", "en")
         calls = [c["record"] for c in values.get("plan", []) if c.get("record")]
         pending = None

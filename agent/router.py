@@ -22,6 +22,7 @@ from agent.language import mask_quotes, quoted_spans
 from tools.base import Tool
 
 CHAT = "chat"
+ROUTE_CHARS = 1000
 CHAT_EXEMPLARS = {
     "en": ["hi", "hello there", "thanks!", "thank you so much", "what can you do?", "who are you",
            "help", "good morning", "bye", "ok great", "how are you", "what tools do you have",
@@ -53,6 +54,8 @@ class SemanticRouter:
         self.cache_dir = cache_dir
         self._labels: list[str] = []
         self._matrix: np.ndarray | None = None
+        # One compiled alternation per tool: hundreds of keywords cost one scan of the text.
+        self._keywords = {name: keyword_pattern(t.keywords) for name, t in self.tools.items()}
 
     def _exemplars(self) -> tuple[list[str], list[str]]:
         labels, phrases = [], []
@@ -91,7 +94,8 @@ class SemanticRouter:
 
     def semantic_scores(self, text: str) -> dict[str, float]:
         self.prepare()
-        vec = np.asarray(self.embedder.embed([routing_form(text)]), dtype=np.float32)[0]
+        # The request is in the first lines; embedding a 20,000-character paste would only cost time.
+        vec = np.asarray(self.embedder.embed([routing_form(text)[:ROUTE_CHARS]]), dtype=np.float32)[0]
         sims = self._matrix @ vec
         scores: dict[str, float] = {}
         labels = np.asarray(self._labels)
@@ -105,8 +109,9 @@ class SemanticRouter:
         scores = self.semantic_scores(text)
         low = mask_quotes(text).lower()
         hits_by_tool = {}
-        for name, tool in self.tools.items():
-            hits = sum(1 for k in tool.keywords if _has_keyword(low, k))
+        for name in self.tools:
+            rx = self._keywords[name]
+            hits = len({m.group(0) for m in rx.finditer(low)}) if rx else 0
             scores[name] += min(0.16, 0.08 * hits)
             hits_by_tool[name] = hits
         if any(hits_by_tool.values()) and not _THANKS.search(low):
@@ -133,10 +138,17 @@ def routing_form(text: str) -> str:
     return "".join(out)
 
 
-def _has_keyword(low: str, kw: str) -> bool:
-    if re.search(r"[\u4e00-\u9fff]", kw):
-        return kw in low
-    return re.search(rf"(?<![\w-]){re.escape(kw)}(?![\w-])", low) is not None
+def keyword_pattern(keywords: tuple[str, ...]) -> re.Pattern | None:
+    """Whole-word alternation for Latin keywords (Chinese ones match anywhere), longest first."""
+    if not keywords:
+        return None
+    parts = []
+    for kw in sorted(set(keywords), key=len, reverse=True):
+        if re.search(r"[\u4e00-\u9fff]", kw):
+            parts.append(re.escape(kw))
+        else:
+            parts.append(rf"(?<![\w-]){re.escape(kw)}(?![\w-])")
+    return re.compile("|".join(parts))
 
 
 _THANKS = re.compile(r"^\W*(?:thanks|thank you|thx|ty|cheers|great|cool|nice|awesome|ok|okay|got it)\b|"
