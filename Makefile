@@ -20,7 +20,6 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml requirements.lock
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -c requirements.lock -e '.[dev]'
-	$(BIN)/pip install -q --no-deps -e tests/fixtures/stackwise_plugin_demo
 	$(BIN)/stackwise tools >/dev/null   # first-run preparation: import check, registry and plugins load
 	@touch $(STAMP)
 

@@ -17,6 +17,14 @@ os.environ["ANONYMIZED_TELEMETRY"] = "False"
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
+# A third-party tool "installed" for the tests only: its folder holds the package and a .dist-info
+# with the ``stackwise.tools`` entry point, so importlib.metadata finds it exactly as it finds an
+# installed plugin — in this process and, through PYTHONPATH, in every CLI subprocess — without
+# touching the venv a user chats from.
+PLUGIN_DIR = ROOT / "tests" / "fixtures" / "stackwise_plugin_demo"
+sys.path.insert(0, str(PLUGIN_DIR))
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(PLUGIN_DIR), os.environ.get("PYTHONPATH")) if p)
+
 
 @pytest.fixture(autouse=True)
 def stackwise_home(tmp_path, monkeypatch) -> Path:
