@@ -224,7 +224,7 @@ def _slot_features(scores: dict[str, float], low: str, slots: dict[str, Any], *,
         _bump(scores, "launch_finetune", -0.1)
     if questionish and not (files or has_job or texts >= 2):
         # A question about something we know is a concept question; "what's the weather?" is not.
-        _bump(scores, "explain_concept", (0.12 if question else 0.06) if on_topic else 0.03)
+        _bump(scores, "explain_concept", (0.18 if question else 0.06) if on_topic else 0.03)
         _bump(scores, CHAT, -0.1)
     if _MY_JOB.search(bare) and not train_request:
         _bump(scores, "finetune_status", 0.15)
