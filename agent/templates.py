@@ -76,7 +76,7 @@ def missing_field_question(field: str, lang: str) -> str:
 
 FAILURE = {
     "not_available": {"en": "{tool} isn't available in this version yet: {message}",
-                      "zh": "{tool} 在当前版本还不可用：{message}"},
+                      "zh": "{tool} 在当前版本还不可用，会在后续版本中提供。"},
     "declined": {"en": "OK — I did not run {tool}.", "zh": "好的，没有执行 {tool}。"},
     "default": {"en": "{tool} failed: {message}", "zh": "{tool} 执行失败：{message}"},
 }
