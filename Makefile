@@ -1,5 +1,5 @@
 # The README's commands. `make chat` and `make test` do all the set-up on a fresh machine.
-PY ?= python3.11
+PY ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -12,7 +12,8 @@ export TOKENIZERS_PARALLELISM := false
 .PHONY: chat test lint bench eval setup clean lock
 
 $(BIN)/python:
-	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) (Python 3.11) on PATH"; exit 1; }
+	@$(PY) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null || \
+		{ echo "stackwise needs Python 3.11 (python3.11 on PATH)"; exit 1; }
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
