@@ -84,6 +84,9 @@ FAILURE = {
 
 def failure_text(tool: str, error: dict, lang: str) -> str:
     kind = error.get("type", "")
+    if kind.startswith(("missing_", "unknown_", "ambiguous_")) and kind != "unknown_tool":
+        # The tool is asking the user for something ("Which column is the target? …"): ask it plainly.
+        return error.get("message", "")
     tpl = FAILURE.get(kind, FAILURE["default"])[lang]
     return tpl.format(tool=tool, message=error.get("message", ""))
 
