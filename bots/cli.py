@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     tools.add_argument("--json", action="store_true")
 
     ev = sub.add_parser("eval", help="run the evals and print tables")
-    ev.add_argument("suite", nargs="?", default="all", choices=["routing", "retrieval", "answers", "all"])
+    ev.add_argument("suite", nargs="?", default="all", choices=["routing", "retrieval", "answers", "shap", "all"])
     ev.add_argument("--json", action="store_true")
     ev.add_argument("--failures", type=int, default=15, help="how many failures to list")
 

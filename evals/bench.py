@@ -1,10 +1,11 @@
-"""``stackwise bench``: cold CLI start, warm turn overhead and embedding throughput, as one table.
+"""``stackwise bench``: cold CLI start, warm turn overhead, embedding throughput and SHAP speed, as one table.
 
 - cold ``stackwise ask``: wall time of a new process answering one message (median of N runs on a
   prepared home, i.e. after the first run that caches the router's exemplar embeddings);
 - warm turn overhead: in one process, the time of a whole turn minus the time spent inside the
   tool's own ``run`` (routing, slot filling, graph, checkpointing, answer writing);
-- embedding throughput: our embedder vs raw ``SentenceTransformer.encode`` on the same texts.
+- embedding throughput: our embedder vs raw ``SentenceTransformer.encode`` on the same texts;
+- SHAP: the reporter's explain stage vs raw ``shap.TreeExplainer`` and a 100k × 30 CSV end to end.
 """
 
 from __future__ import annotations
@@ -89,17 +90,19 @@ def bench_warm(settings: Any, rounds: int = 8) -> dict[str, float]:
 
 def run_bench(*, settings: Any, as_json: bool = False, quick: bool = False) -> int:
     from evals.bench_embedding import bench_embedding
+    from evals.bench_shap import bench_shap
 
     results = {
         "cold_ask": bench_cold(runs=2 if quick else 3),
         "warm_turn": bench_warm(settings.with_(home=Path(tempfile.mkdtemp(prefix="sw-bench-"))),
                                 rounds=3 if quick else 8),
         "embedding": bench_embedding(n=300 if quick else 1000),
+        "shap": bench_shap(repeat=1 if quick else 3),
     }
     if as_json:
         sys.stdout.write(json.dumps(results) + "\n")
         return 0
-    w, e = results["warm_turn"], results["embedding"]
+    w, e, s = results["warm_turn"], results["embedding"], results["shap"]
     rows = [(f"cold `stackwise ask` ({k})", f"{v['median_s']:.2f} s median, {v['max_s']:.2f} s max", "≤ 6 s")
             for k, v in results["cold_ask"].items()]
     rows += [
@@ -109,6 +112,13 @@ def run_bench(*, settings: Any, as_json: bool = False, quick: bool = False) -> i
         (f"embedding throughput, {e['n']} texts", f"{e['tool_texts_per_s']:.0f} vs {e['raw_texts_per_s']:.0f} texts/s "
          f"(ratio {e['ratio']:.2f})", "≥ 0.9×"),
         ("embedding max |diff| vs sentence-transformers", f"{e['max_abs_diff']:.2e}", "≤ 1e-5"),
+        (f"shap explain vs raw TreeExplainer, {s['explained_rows']} rows", f"{s['tool_explain_s']:.2f} vs "
+         f"{s['raw_s']:.2f} s (ratio {s['ratio_no_plots']:.2f})", "≤ 1.2×"),
+        ("shap explain + plots + report vs raw", f"ratio {s['ratio_with_plots']:.2f} "
+         f"(plots+report {s['plots_and_report_s']:.2f} s)", ""),
+        (f"shap_report end to end, {s['rows']:,} × {s['cols']} CSV", f"{s['end_to_end_s']:.1f} s "
+         f"(read {s['stages']['read']:.1f}, model {s['stages']['model']:.1f}, explain {s['stages']['explain']:.1f})",
+         "≤ 30 s"),
     ]
     width = max(len(r[0]) for r in rows) + 2
     print(f"{'benchmark':<{width}}{'measured':<44}target")

@@ -25,7 +25,7 @@ def _brain(settings: Any):
 
 
 def run_evals(suite: str, *, settings: Any, as_json: bool = False, failures: int = 15) -> int:
-    suites = ["routing", "retrieval", "answers"] if suite == "all" else [suite]
+    suites = ["routing", "retrieval", "answers", "shap"] if suite == "all" else [suite]
     results: dict[str, Any] = {}
     agent = None
     try:
@@ -37,6 +37,13 @@ def run_evals(suite: str, *, settings: Any, as_json: bool = False, failures: int
                     if not as_json:
                         print(f"\n== {label} ({path.name}) ==")
                         print(format_routing(report, show_failures=failures))
+            elif name == "shap":
+                from evals.shap_eval import format_shap_eval, run_shap_eval
+
+                results["shap"] = report = run_shap_eval()
+                if not as_json:
+                    print("\n== shap (synthetic sets with planted drivers) ==")
+                    print(format_shap_eval(report))
             else:
                 results[name] = {"skipped": f"arrives with {LATER[name]}"}
                 if not as_json:

@@ -259,7 +259,6 @@ def test_embedding_distance_rejects_unknown_args_and_metrics(ctx):
     ("launch_finetune", {"base_model": "Qwen/Qwen2.5-0.5B", "dataset": "data.jsonl"}),
     ("finetune_status", {"job_id": "ft-1"}),
     ("cancel_finetune", {"job_id": "ft-1"}),
-    ("shap_report", {"data": "sales.csv"}),
 ])
 def test_not_yet_implemented_tools_say_not_available(agent, name, args):
     record = agent.call_tool(name, args)

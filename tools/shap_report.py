@@ -1,7 +1,7 @@
-"""``shap_report``: a SHAP explainability report for a CSV/Parquet file.
+"""``shap_report``: a SHAP explainability report for a CSV/Parquet file (the declaration).
 
-Declared now so the brain can route and fill its args; the reporter arrives with the
-explainability issue.
+The work lives in :mod:`tools.shap`; shap, xgboost and pandas load only when the tool runs, so the
+registry (and every ``stackwise ask``) stays fast.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tools.base import not_available, tool
+from tools.base import ToolContext, tool
+from tools.shap.narrative import render
 
 
 class ShapArgs(BaseModel):
@@ -23,11 +24,16 @@ class ShapArgs(BaseModel):
     )
     row: int | str | None = Field(None, description="A row index or row id for a local explanation.")
     task: Literal["classification", "regression"] | None = Field(None, description="Inferred when absent.")
-    features: list[str] | None = Field(None, description="Only these feature columns.")
+    features: list[str] | None = Field(None, max_length=2000, description="Only these feature columns.")
+    exclude: list[str] | None = Field(None, max_length=2000, description="Leave these columns out.")
+    encoding: str | None = Field(None, max_length=40, description="Text encoding (detected when absent).")
+    delimiter: str | None = Field(None, min_length=1, max_length=1, description="CSV delimiter (detected).")
+    decimal: Literal[".", ","] | None = Field(None, description="Decimal mark (detected).")
 
 
 @tool(
     args=ShapArgs,
+    render=render,
     keywords=("shap", "feature importance", "features", "drive", "explain the model",
               "特征", "影响", "重要性", "可解释"),
     exemplars={
@@ -50,7 +56,9 @@ class ShapArgs(BaseModel):
         ],
     },
 )
-def shap_report(args: ShapArgs, ctx) -> dict:
+def shap_report(args: ShapArgs, ctx: ToolContext) -> dict:
     """Train (or load) a model on a CSV and report which features drive its predictions, with
     SHAP plots, metrics and a plain-language narrative."""
-    return not_available("shap_report", "it arrives with the explainability issue")(args, ctx)
+    from tools.shap.pipeline import run
+
+    return run(args, ctx)
