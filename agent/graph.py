@@ -38,21 +38,28 @@ class TurnNodes:
 
     def understand(self, state: TurnState) -> dict:
         text = clean_text(state.get("text", ""))
-        lang = detect_language(text)
+        lang = detect_language(text, previous=state.get("lang"))
         steps = split_steps(text)
         trace = [_step("plan", self.brain.plan_text(steps, lang))]
         return {"text": text, "lang": lang, "steps_text": steps, "trace": trace,
                 "messages": [{"role": "user", "content": text}]}
 
     def route(self, state: TurnState) -> dict:
-        memo = state.get("memo") or {}
+        memo = dict(state.get("memo") or {})
         plan: list[PlannedCall] = []
         trace = list(state["trace"])
+        asked, memo["asked"] = memo.get("asked"), None
+        if asked and len(state["steps_text"]) == 1:
+            # Last turn ended with a question ("which column is the target?"): a short reply answers it.
+            call = self.brain.answer_question(state["steps_text"][0], state["lang"], asked)
+            if call is not None:
+                trace.append(_step("route", self.brain.route_text(call, state["lang"])))
+                return {"plan": [call], "trace": trace, "memo": memo}
         for step in state["steps_text"]:
             call = self.brain.route_step(step, state["lang"], memo)
             plan.append(call)
             trace.append(_step("route", self.brain.route_text(call, state["lang"])))
-        return {"plan": plan, "trace": trace}
+        return {"plan": plan, "trace": trace, "memo": memo}
 
     def advance(self, state: TurnState) -> dict:
         """Run the next call of the plan, in order; a side-effect call first gets a preflight and
@@ -72,6 +79,7 @@ class TurnNodes:
                 call["status"] = "failed"
                 call["record"] = call_record(tool.name, call["args"], ok=False, error=exc.to_dict())
                 trace.append(_step("tool", self.brain.tool_text(call["record"], state["lang"])))
+                self._remember_question(state, call, update)
                 return update
             call["status"] = "awaiting"
             call["preview"] = self.brain.preview_text(tool, call["args"], preflight, state["lang"])
@@ -80,6 +88,8 @@ class TurnNodes:
         call["record"] = record
         call["status"] = "done" if record["ok"] else "failed"
         trace.append(_step("tool", self.brain.tool_text(record, state["lang"])))
+        if not record["ok"]:
+            self._remember_question(state, call, update)
         if record["ok"]:
             result = record["result"] if isinstance(record["result"], dict) else {}
             update["attachments"] = [*(state.get("attachments") or []), *result.get("attachments", [])]
@@ -89,6 +99,12 @@ class TurnNodes:
             _remember(memo, call["tool"], record)
             update["memo"] = memo
         return update
+
+    def _remember_question(self, state: TurnState, call: dict, update: dict) -> None:
+        """A failed call whose answer asks for a missing value: the next short reply may supply it."""
+        question = self.brain.open_question(call, call["record"])
+        if question:
+            update["memo"] = {**(state.get("memo") or {}), "asked": question}
 
     def confirm(self, state: TurnState) -> dict:
         """Stop the graph until the user says yes or no; only a resume can answer (never message text)."""

@@ -46,17 +46,26 @@ def mask_quotes(text: str) -> str:
     return "".join(chars)
 
 
-def detect_language(text: str) -> str:
-    """``zh`` when Chinese is written outside quotes, else ``en``.
+def detect_language(text: str, previous: str | None = None) -> str:
+    """``zh`` when Chinese is written outside quotes, else ``en``; a message with little language of
+    its own ("data.jsonl", "ft-3", "用 train.parquet") keeps the thread's ``previous`` language.
 
     Example:
         >>> detect_language("什么是 QLoRA？"), detect_language("how similar are '国王' and '女王'?")
         ('zh', 'en')
+        >>> detect_language("用 train.parquet", previous="zh"), detect_language("data.jsonl", previous="zh")
+        ('zh', 'zh')
     """
     outside = mask_quotes(text)
     han = len(CJK.findall(outside))
-    if han >= 2 or (han == 1 and len(re.findall(r"[A-Za-z]", outside)) < 3):
+    if han >= 2:
         return "zh"
+    # English words, not counting file names, ids and paths.
+    words = [w for w in re.findall(r"[A-Za-z][A-Za-z']+", re.sub(r"(?<!\S)\S*[./_\-\d]\S*", " ", outside))]
+    if han == 1:
+        return "zh" if previous == "zh" or len(words) < 2 else "en"
+    if not words and previous in ("zh", "en"):
+        return previous
     return "en"
 
 

@@ -36,6 +36,6 @@ class TurnState(TypedDict, total=False):
 def new_turn(text: str, user_id: str, notice: str | None = None) -> dict[str, Any]:
     """The graph input for a fresh message: every per-turn field reset."""
     return {
-        "text": text, "user_id": user_id, "lang": "en", "steps_text": [], "plan": [], "trace": [],
+        "text": text, "user_id": user_id, "steps_text": [], "plan": [], "trace": [],
         "answer": "", "citations": [], "attachments": [], "pending": None, "notice": notice,
     }

@@ -144,7 +144,7 @@ def test_mixed_types_multiclass_and_utf8_bom(registry, ctx, tmp_path):
 def test_missing_or_unknown_target_asks_which_column(registry, module_ctx):
     msg = failed(registry.call("shap_report", {"data": "churn.csv"}, module_ctx), "missing_target")
     assert "tenure" in msg and "churn" in msg and "?" in msg
-    msg = failed(registry.call("shap_report", {"data": "churn.csv", "target": "revenue"}, module_ctx), "unknown_column")
+    msg = failed(registry.call("shap_report", {"data": "churn.csv", "target": "revenue"}, module_ctx), "unknown_target")
     assert "revenue" in msg and "monthly_charges" in msg and "Which one is the target?" in msg
 
 

@@ -7,6 +7,7 @@ are bilingual templates filled with tool results (each tool may bring its own ``
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from agent import templates as T
@@ -38,6 +39,41 @@ class LocalBrain:
         self._resolve_references(tool, args, memo)
         return {"step": step, "tool": tool.name, "args": args, "score": decision.score, "status": "planned",
                 "record": None, "why": decision.explain()}
+
+    def open_question(self, call: PlannedCall, record: dict) -> dict | None:
+        """The argument a failed call is missing, when the answer will ask the user for it.
+
+        Convention: an ``invalid_args`` failure with a required field absent, or a tool's own
+        ``missing_<field>`` / ``unknown_<field>`` error, names the field the user should supply.
+        """
+        tool = self.registry.get(call["tool"])
+        kind = (record.get("error") or {}).get("type", "")
+        field = None
+        if kind == "invalid_args":
+            missing = _missing_fields(tool, call.get("args") or {})
+            field = missing[0] if missing else None
+        elif kind.startswith(("missing_", "unknown_")):
+            field = kind.split("_", 1)[1]
+        if field not in tool.args_model.model_fields:
+            return None
+        return {"tool": tool.name, "args": dict(call.get("args") or {}), "field": field}
+
+    def answer_question(self, step: str, lang: str, asked: dict) -> PlannedCall | None:
+        """The asked-for call again, with ``step`` as the missing value — unless ``step`` is a new request."""
+        if asked.get("tool") not in self.registry or len(step) > 120:
+            return None
+        slots = extract_slots(step, lang)
+        decision = self.router.route(step, slots)
+        if decision.tool and decision.tool != asked["tool"] and decision.score >= self.router.threshold + 0.15:
+            return None   # a fresh request, not an answer
+        tool = self.registry.get(asked["tool"])
+        field = asked["field"]
+        value = fill_args(tool.args_model, slots, lang).get(field) or _bare_value(step)
+        if not value:
+            return None
+        args = {**asked["args"], field: value}
+        return {"step": step, "tool": tool.name, "args": args, "score": 1.0, "status": "planned",
+                "record": None, "why": f"answers the question about {field}"}
 
     @staticmethod
     def _resolve_references(tool: Tool, args: dict, memo: dict[str, Any]) -> None:
@@ -141,6 +177,16 @@ class LocalBrain:
             if missing:
                 return T.missing_field_question(missing[0], lang)
         return T.failure_text(tool.name, error, lang)
+
+
+_ANSWER_LEAD = re.compile(r"^(?:it'?s|it is|the (?:target|column|file|model|data ?set) is|use|try|"
+                          r"目标(?:列)?(?:是|为)|用|是|就是)\s*", re.IGNORECASE)
+
+
+def _bare_value(step: str) -> str:
+    """A short reply as a value: "the target is churn." → "churn", "「churn」" → "churn"."""
+    value = _ANSWER_LEAD.sub("", step.strip()).strip(" \t.。!！?？,，'\"`“”「」‘’")
+    return value if value and len(value.split()) <= 3 else ""
 
 
 def _missing_fields(tool: Tool, args: dict) -> list[str]:

@@ -154,14 +154,19 @@ def match_column(name: str, columns) -> str | None:
     return hits[0] if len(hits) == 1 else None
 
 
-def resolve_target(target: str | None, frame, file_name: str) -> str:
+def resolve_target(target: str | None, frame, file_name: str, lang: str = "en") -> str:
+    """The target column, matched leniently; otherwise a question listing the columns (in the user's language)."""
     cols = columns_text(frame.columns)
     if not target or not target.strip():
+        if lang == "zh":
+            raise ToolError("missing_target", f"{file_name} 里哪一列是模型要预测的目标？现有的列：{cols}。")
         raise ToolError("missing_target", f"Which column of {file_name} should the model predict? "
                                           f"Its columns are: {cols}. Tell me the target column.")
     found = match_column(target.strip(), frame.columns)
     if found is None:
-        raise ToolError("unknown_column", f"{file_name} has no column {target!r}. Its columns are: {cols}. "
+        if lang == "zh":
+            raise ToolError("unknown_target", f"{file_name} 里没有 {target!r} 这一列。现有的列：{cols}。哪一列是目标？")
+        raise ToolError("unknown_target", f"{file_name} has no column {target!r}. Its columns are: {cols}. "
                                           "Which one is the target?")
     return found
 
@@ -250,7 +255,7 @@ def _convert(col, s, notices: list[str]):
     return pd.Categorical(text.astype(object).where(text.notna(), None))
 
 
-def prepare_table(path: Path, args, notices: list[str], warnings: list[str]) -> Table:
+def prepare_table(path: Path, args, notices: list[str], warnings: list[str], lang: str = "en") -> Table:
     """Read ``path`` and split it into features and a target per the tool's ``args``."""
     import pandas as pd
 
@@ -261,7 +266,7 @@ def prepare_table(path: Path, args, notices: list[str], warnings: list[str]) -> 
         raise ToolError("too_large", f"{path.name} has {len(frame.columns):,} columns; the limit is {MAX_COLUMNS:,}.")
     if len(frame) == 0:
         raise ToolError("bad_data", f"{path.name} has a header but no data rows.")
-    target = resolve_target(args.target, frame, path.name)
+    target = resolve_target(args.target, frame, path.name, lang)
     y = frame[target]
     if not pd.api.types.is_numeric_dtype(y) and not pd.api.types.is_bool_dtype(y):
         y = y.astype("string").str.strip().replace("", pd.NA)

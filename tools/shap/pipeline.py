@@ -130,7 +130,7 @@ def analyze(args, ctx: ToolContext, *, draw: bool = True) -> Analysis:
     t = {"start": time.perf_counter()}
     notices: list[str] = []
     warns: list[str] = []
-    table = D.prepare_table(resolve_user_path(args.data, ctx), args, notices, warns)
+    table = D.prepare_table(resolve_user_path(args.data, ctx), args, notices, warns, ctx.lang)
     fitted = None
     if args.model:
         from tools.shap.loaders import load_model
