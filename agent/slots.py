@@ -305,10 +305,6 @@ def extract_slots(text: str, lang: str = "en") -> dict[str, Any]:
     return slots
 
 
-# Field name → slot name, when they differ.
-_FIELD_SLOT = {"model": None, "data": "data", "dataset": "dataset", "lang": None}
-
-
 def fill_args(model: type[BaseModel], slots: dict[str, Any], lang: str) -> dict[str, Any]:
     """Arguments for ``model`` from the slot bag, by field name."""
     args: dict[str, Any] = {}
@@ -318,7 +314,7 @@ def fill_args(model: type[BaseModel], slots: dict[str, Any], lang: str) -> dict[
         elif name == "lang":
             val = lang if lang in ("zh", "en") else None
         else:
-            val = slots.get(_FIELD_SLOT.get(name) or name)
+            val = slots.get(name)
         if val is not None and val != []:
             args[name] = val
     return args
