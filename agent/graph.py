@@ -123,7 +123,10 @@ class TurnNodes:
                 "type": "declined", "message": "Not run: you declined the confirmation."})
         trace = [*state["trace"], _step("reflect", self.brain.decision_text(call["tool"], approved, state["lang"]))]
         # The notice (e.g. "the earlier pending action was dropped") was shown with the question.
-        return {"plan": plan, "trace": trace, "notice": None}
+        # The thread's history gets the question and the answer, between the request and the result.
+        said = ("是" if approved else "否") if state["lang"] == "zh" else ("yes" if approved else "no")
+        exchange = [{"role": "assistant", "content": call["preview"]}, {"role": "user", "content": said}]
+        return {"plan": plan, "trace": trace, "notice": None, "messages": exchange}
 
     def reflect(self, state: TurnState) -> dict:
         trace = list(state["trace"])

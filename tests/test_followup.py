@@ -51,3 +51,12 @@ def test_the_question_is_asked_only_once(agent):
 ])
 def test_bare_values(text, value):
     assert _bare_value(text) == value
+
+
+def test_the_confirmation_exchange_is_in_the_thread_history(agent):
+    agent.ask("cancel ft-3", thread_id="f5", user_id="u")
+    agent.ask("no", thread_id="f5", user_id="u")
+    history = agent.history("f5", user_id="u")
+    assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
+    assert history[0]["content"] == "cancel ft-3"
+    assert "ft-3" in history[1]["content"] and history[2]["content"] == "no"
