@@ -13,12 +13,12 @@ from typing import Any
 from langgraph.types import Command
 
 from agent import templates as T
-from agent.graph import build_graph, default_context_factory
+from agent.graph import build_graph
 from agent.language import detect_language
 from agent.reply import Reply
 from agent.settings import Settings, SettingsError
 from agent.state import new_turn
-from agent.toolbox import Toolbox, embedder_factory
+from agent.toolbox import Toolbox
 from memory.checkpoints import StoreError, describe_sqlite_error, open_checkpointer
 from tools.registry import ToolRegistry
 
@@ -53,8 +53,7 @@ class Agent:
 
     def __init__(self, settings: Settings, *, registry: ToolRegistry | None = None,
                  checkpointer: Any = None, router_embedder: Any = None):
-        from agent.brains.local import LocalBrain
-        from agent.router import SemanticRouter
+        from agent.brains.local import make_local_brain
 
         if settings.brain != "local":
             raise SettingsError(f"The {settings.brain} brain is not available in this version yet; "
@@ -63,13 +62,10 @@ class Agent:
         settings.home.mkdir(parents=True, exist_ok=True)
         self.toolbox = Toolbox(settings, registry)
         self.registry = self.toolbox.registry
-        self._embedder_factory = embedder_factory
-        router = SemanticRouter(list(self.registry), router_embedder or embedder_factory(settings.router_model),
-                                threshold=settings.router_threshold, cache_dir=settings.cache_dir)
-        self.brain = LocalBrain(self.registry, router)
+        self.brain = make_local_brain(settings, self.registry, router_embedder)
         self.checkpointer = checkpointer if checkpointer is not None else open_checkpointer(settings.threads_db)
-        make_context = default_context_factory(settings, self._embedder_factory)
-        self.graph = build_graph(self.brain, self.registry, make_context).compile(checkpointer=self.checkpointer)
+        self.graph = build_graph(self.brain, self.registry, self.toolbox.context_for_turn).compile(
+            checkpointer=self.checkpointer)
         self._lock = threading.Lock()
 
     @classmethod

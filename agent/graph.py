@@ -20,7 +20,7 @@ from langgraph.types import interrupt
 
 from agent.language import clean_text, detect_language, split_steps
 from agent.state import PlannedCall, TurnState
-from tools.base import ToolContext, ToolError
+from tools.base import ToolError
 from tools.registry import ToolRegistry, call_record
 
 
@@ -184,11 +184,3 @@ def build_graph(brain: Any, registry: ToolRegistry, make_context: Any) -> StateG
     g.add_edge("respond", END)
     return g
 
-
-def default_context_factory(settings: Any, embedder_factory: Any) -> Any:
-    def make(state: TurnState) -> ToolContext:
-        return ToolContext(home=settings.home, user_id=state.get("user_id", "local"),
-                           data_roots=tuple(settings.data_roots), lang=state.get("lang", "en"),
-                           embedder=embedder_factory)
-
-    return make

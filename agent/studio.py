@@ -6,22 +6,16 @@ The server brings its own checkpointer, so the graph is compiled without one her
 
 from __future__ import annotations
 
-from agent.brains.local import LocalBrain
-from agent.graph import build_graph, default_context_factory
-from agent.router import SemanticRouter
+from agent.brains.local import make_local_brain
+from agent.graph import build_graph
 from agent.settings import Settings
-from tools.registry import ToolRegistry
+from agent.toolbox import Toolbox
 
 
 def make_graph():
-    from memory.embedders import load_embedder
-
-    settings = Settings.from_env()
-    registry = ToolRegistry.default()
-    router = SemanticRouter(list(registry), load_embedder(settings.router_model),
-                            threshold=settings.router_threshold, cache_dir=settings.cache_dir)
-    brain = LocalBrain(registry, router)
-    return build_graph(brain, registry, default_context_factory(settings, load_embedder)).compile()
+    toolbox = Toolbox(Settings.from_env())
+    brain = make_local_brain(toolbox.settings, toolbox.registry)
+    return build_graph(brain, toolbox.registry, toolbox.context_for_turn).compile()
 
 
 graph = make_graph()

@@ -26,6 +26,10 @@ class Toolbox:
         self.settings = settings
         self.registry = registry or ToolRegistry.default()
 
+    def context_for_turn(self, state: dict) -> ToolContext:
+        """The graph's tool context: this turn's user and language."""
+        return self.context(state.get("user_id", "local"), state.get("lang", "en"))
+
     def context(self, user_id: str, lang: str = "en") -> ToolContext:
         return ToolContext(home=self.settings.home, user_id=user_id, data_roots=tuple(self.settings.data_roots),
                            lang=lang, embedder=embedder_factory)

@@ -20,6 +20,16 @@ from tools.registry import ToolRegistry
 _FILE_FIELDS = ("data", "dataset")
 
 
+def make_local_brain(settings: Any, registry: ToolRegistry, router_embedder: Any = None) -> LocalBrain:
+    """The local brain for ``settings``: the semantic router on the configured multilingual embedder."""
+    from agent.toolbox import embedder_factory
+
+    embedder = router_embedder or embedder_factory(settings.router_model)
+    router = SemanticRouter(list(registry), embedder, threshold=settings.router_threshold,
+                            cache_dir=settings.cache_dir)
+    return LocalBrain(registry, router)
+
+
 class LocalBrain:
     name = "local"
 
