@@ -231,7 +231,12 @@ class Agent:
         """Run one tool directly (no routing, no confirmation) and return its call record."""
         return self.toolbox.call_tool(name, args, user_id=user_id)
 
+    def ingest(self, paths: list[str], *, user_id: str | None = None) -> dict:
+        """Add documents to the knowledge base: a user's private part, or the shared one (``user_id=None``)."""
+        return self.toolbox.ingest(paths, user_id=user_id)
+
     def close(self) -> None:
+        self.toolbox.close()
         conn = getattr(self.checkpointer, "conn", None)
         if conn is not None:
             conn.close()

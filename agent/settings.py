@@ -41,6 +41,11 @@ class Settings:
                            "Sentence embedder of the semantic router (multilingual).")
     embedding_model: str | None = _f(None, "STACKWISE_EMBEDDING_MODEL",
                                      "Default model of embedding_distance (empty: MiniLM, or USE for Chinese).")
+    kb_embedder: str = _f("use-multilingual", "STACKWISE_KB_EMBEDDER",
+                          "Embedder of the knowledge base (chosen by `stackwise eval retrieval`).")
+    chroma_url: str | None = _f(None, "STACKWISE_CHROMA_URL",
+                                "A Chroma server (http://host:port) for the knowledge base; empty: embedded, "
+                                "under home.")
     database_url: str | None = _f(None, "STACKWISE_DATABASE_URL",
                                   "Postgres URL for threads/jobs; empty: SQLite under home.")
     max_message_chars: int = _f(20_000, "STACKWISE_MAX_MESSAGE_CHARS", "Longest message accepted in one turn.")

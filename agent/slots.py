@@ -17,10 +17,11 @@ from agent.language import mask_quotes, quoted_spans
 _NUM = r"(?<![\d.])(\d{1,9}(?:\.\d{1,9})?)"
 _FILE = re.compile(
     r"(?<![\w/.~-])((?:~|\.{1,2})?/?[\w\u4e00-\u9fff./~-]{0,150}[\w\u4e00-\u9fff-]"
-    r"\.(?:jsonl|json|csv|tsv|parquet|pq|xlsx|txt|md|pdf|html|ubj|skops|pkl|pickle|joblib|model))\b",
+    r"\.(?:jsonl|json|csv|tsv|parquet|pq|xlsx|txt|md|markdown|pdf|html|htm|ubj|skops|pkl|pickle|joblib|model))\b",
     re.IGNORECASE,
 )
 DATA_EXT = (".csv", ".tsv", ".parquet", ".pq", ".xlsx")
+DOC_EXT = (".md", ".txt", ".pdf", ".html")
 TRAIN_EXT = (".jsonl", ".json", ".csv", ".parquet", ".pq", ".tsv")
 MODEL_FILE_EXT = (".ubj", ".skops", ".pkl", ".pickle", ".joblib", ".model", ".txt")
 # Bounded repeats and a lookbehind on every token pattern: a 20,000-character paste stays linear.
@@ -233,6 +234,9 @@ def extract_slots(text: str, lang: str = "en") -> dict[str, Any]:
         slots["dataset"] = train[0]
     if model_files:
         slots["model_file"] = model_files[0]
+    documents = [f for f in files if f.lower().endswith(DOC_EXT)]
+    if documents:
+        slots["paths"] = documents
     texts = extract_texts(text)
     if texts:
         slots["texts"] = texts

@@ -7,6 +7,7 @@ depends on a healthy ``threads.sqlite`` or on loading the router's model.
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 
 from agent.settings import Settings
@@ -25,6 +26,33 @@ class Toolbox:
     def __init__(self, settings: Settings, registry: ToolRegistry | None = None):
         self.settings = settings
         self.registry = registry or ToolRegistry.default()
+        self._knowledge = None
+        self._knowledge_lock = threading.Lock()
+
+    def knowledge(self) -> Any:
+        """The knowledge base (opened on first use; cards are indexed on first search)."""
+        if self._knowledge is None:
+            with self._knowledge_lock:
+                if self._knowledge is None:
+                    from memory.kb.store import KnowledgeBase
+
+                    self._knowledge = KnowledgeBase(self.settings.home, embedder=self.settings.kb_embedder,
+                                                    chroma_url=self.settings.chroma_url,
+                                                    embedder_factory=embedder_factory)
+        return self._knowledge
+
+    def ingest(self, paths: list[str], *, user_id: str | None = None,
+               progress: Any = None) -> dict:
+        """``kb ingest``: documents into the shared base (``user_id=None``) or one user's private part."""
+        from tools.knowledge import ingest_paths
+
+        ctx = self.context(user_id or "local")
+        return ingest_paths(paths, ctx, shared=user_id is None, progress=progress)
+
+    def close(self) -> None:
+        if self._knowledge is not None:
+            self._knowledge.close()
+            self._knowledge = None
 
     def context_for_turn(self, state: dict) -> ToolContext:
         """The graph's tool context: this turn's user and language."""
@@ -32,7 +60,7 @@ class Toolbox:
 
     def context(self, user_id: str, lang: str = "en") -> ToolContext:
         return ToolContext(home=self.settings.home, user_id=user_id, data_roots=tuple(self.settings.data_roots),
-                           lang=lang, embedder=embedder_factory)
+                           lang=lang, embedder=embedder_factory, knowledge=self.knowledge)
 
     def tools(self) -> list[dict]:
         """Name, description, JSON schema and side effects of every tool."""

@@ -19,7 +19,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
 
 LATER = {
-    "kb": "the knowledge-base issue", "jobs": "the fine-tune launcher issue", "worker": "the fine-tune launcher issue",
+    "jobs": "the fine-tune launcher issue", "worker": "the fine-tune launcher issue",
     "serve": "the HTTP/MCP issue", "mcp": "the HTTP/MCP issue", "telegram": "the chat-channels issue",
     "slack": "the chat-channels issue", "memory": "the memory issue",
 }
@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true")
     bench.add_argument("--quick", action="store_true", help="fewer repetitions")
 
+    from bots.kb_commands import add_kb_parser
+
+    add_kb_parser(sub)
     for name, where in LATER.items():
         sp = sub.add_parser(name, help=f"(arrives with {where})")
         sp.add_argument("rest", nargs=argparse.REMAINDER)

@@ -15,6 +15,7 @@ def known_error(exc: Exception) -> tuple[str, str] | None:
     from agent.facade import InputError
     from agent.settings import SettingsError
     from memory.checkpoints import StoreError
+    from memory.kb.index import KnowledgeError
 
     if isinstance(exc, InputError):
         return exc.type, exc.message
@@ -22,6 +23,8 @@ def known_error(exc: Exception) -> tuple[str, str] | None:
         return "settings", str(exc)
     if isinstance(exc, StoreError):
         return "store", str(exc)
+    if isinstance(exc, KnowledgeError):
+        return "knowledge_base", str(exc)
     return None
 
 
@@ -96,6 +99,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
         return run_repl(agent, user_id=_user(args), thread_id=args.thread)
     finally:
         agent.close()
+
+
+def cmd_kb(args: argparse.Namespace) -> int:
+    from bots.kb_commands import cmd_kb as run
+
+    return run(args)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -90,6 +90,7 @@ def bench_warm(settings: Any, rounds: int = 8) -> dict[str, float]:
 
 def run_bench(*, settings: Any, as_json: bool = False, quick: bool = False) -> int:
     from evals.bench_embedding import bench_embedding
+    from evals.bench_kb import bench_kb
     from evals.bench_shap import bench_shap
 
     results = {
@@ -97,12 +98,13 @@ def run_bench(*, settings: Any, as_json: bool = False, quick: bool = False) -> i
         "warm_turn": bench_warm(settings.with_(home=Path(tempfile.mkdtemp(prefix="sw-bench-"))),
                                 rounds=3 if quick else 8),
         "embedding": bench_embedding(n=300 if quick else 1000),
+        "knowledge_base": bench_kb(settings, n_chunks=3000 if quick else 10_000),
         "shap": bench_shap(repeat=1 if quick else 3),
     }
     if as_json:
         sys.stdout.write(json.dumps(results) + "\n")
         return 0
-    w, e, s = results["warm_turn"], results["embedding"], results["shap"]
+    w, e, s, k = results["warm_turn"], results["embedding"], results["shap"], results["knowledge_base"]
     rows = [(f"cold `stackwise ask` ({k})", f"{v['median_s']:.2f} s median, {v['max_s']:.2f} s max", "≤ 6 s")
             for k, v in results["cold_ask"].items()]
     rows += [
@@ -112,6 +114,12 @@ def run_bench(*, settings: Any, as_json: bool = False, quick: bool = False) -> i
         (f"embedding throughput, {e['n']} texts", f"{e['tool_texts_per_s']:.0f} vs {e['raw_texts_per_s']:.0f} texts/s "
          f"(ratio {e['ratio']:.2f})", "≥ 0.9×"),
         ("embedding max |diff| vs sentence-transformers", f"{e['max_abs_diff']:.2e}", "≤ 1e-5"),
+        (f"kb ingest ({k['filler_chunks']:,} chunks of filler)", f"{k['ingest_chunks_per_s']:.0f} chunks/s "
+         f"({k['ingest_s']:.1f} s; cards index {k['cards_index_s']:.1f} s once)", ""),
+        (f"kb query at {k['chunks']:,} chunks, p50 / p95", f"{k['search_p50_ms']:.1f} / {k['search_p95_ms']:.1f} ms "
+         f"({k['queries']} queries, warm)", "p95 ≤ 30 ms"),
+        ("explain_concept call at the same size, p50 / p95", f"{k['explain_p50_ms']:.1f} / "
+         f"{k['explain_p95_ms']:.1f} ms", ""),
         (f"shap explain vs raw TreeExplainer, {s['explained_rows']} rows", f"{s['tool_explain_s']:.2f} vs "
          f"{s['raw_s']:.2f} s (ratio {s['ratio_no_plots']:.2f})", "≤ 1.2×"),
         ("shap explain + plots + report vs raw", f"ratio {s['ratio_with_plots']:.2f} "

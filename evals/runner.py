@@ -14,8 +14,6 @@ from evals.routing import CASES, format_routing, load_cases, run_routing
 ROUTING_SETS = {"dev": CASES, "holdout": CASES.with_name("routing_holdout.jsonl"),
                 "blind": CASES.with_name("routing_blind.jsonl")}
 
-LATER = {"retrieval": "the knowledge-base issue", "answers": "the knowledge-base issue"}
-
 
 def _brain(settings: Any):
     from agent import Agent
@@ -44,10 +42,20 @@ def run_evals(suite: str, *, settings: Any, as_json: bool = False, failures: int
                 if not as_json:
                     print("\n== shap (synthetic sets with planted drivers) ==")
                     print(format_shap_eval(report))
-            else:
-                results[name] = {"skipped": f"arrives with {LATER[name]}"}
+            elif name == "retrieval":
+                from evals.retrieval import format_retrieval, run_retrieval
+
+                results["retrieval"] = report = run_retrieval(settings)
                 if not as_json:
-                    print(f"\n{name} eval: not available yet (arrives with {LATER[name]})")
+                    print("\n== retrieval (evals/cases/retrieval.jsonl) ==")
+                    print(format_retrieval(report, show_failures=failures))
+            elif name == "answers":
+                from evals.answers import format_answers, run_answers
+
+                results["answers"] = report = run_answers(settings)
+                if not as_json:
+                    print("\n== answers (explain_concept on the retrieval and unknown-concept sets) ==")
+                    print(format_answers(report, show_failures=failures))
     finally:
         if agent is not None:
             agent.close()

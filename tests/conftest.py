@@ -57,3 +57,25 @@ def shared_agent_settings(tmp_path_factory):
     from agent.settings import Settings
 
     return Settings.from_env({"STACKWISE_HOME": str(tmp_path_factory.mktemp("shared-home"))})
+
+
+@pytest.fixture(scope="session")
+def kb_seed(tmp_path_factory) -> Path:
+    """A home whose knowledge base has the shipped cards indexed (the slow part, once per session);
+    tests copy it (``seed_home``) before changing anything."""
+    from memory.kb.store import KnowledgeBase
+
+    home = tmp_path_factory.mktemp("kb-seed")
+    kb = KnowledgeBase(home)
+    kb.ensure_ready()
+    kb.close()
+    return home
+
+
+@pytest.fixture
+def seed_home(kb_seed, stackwise_home) -> Path:
+    """This test's STACKWISE_HOME, starting with the shipped cards already indexed."""
+    import shutil
+
+    shutil.copytree(kb_seed, stackwise_home, dirs_exist_ok=True)
+    return stackwise_home

@@ -64,6 +64,8 @@ class ToolContext:
     lang: str = "en"
     # A factory ``name | None -> Embedder``; passed in so tools share one cached model.
     embedder: Callable[[str | None], Any] | None = None
+    # A factory ``() -> KnowledgeBase``; passed in so tools share one opened knowledge base.
+    knowledge: Callable[[], Any] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property

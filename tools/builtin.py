@@ -11,7 +11,9 @@ def register_tools(register: Callable[[Tool], None]) -> None:
     from tools.embedding_distance import embedding_distance
     from tools.explain import explain_concept
     from tools.finetune import cancel_finetune, finetune_status, launch_finetune
+    from tools.knowledge import kb_ingest
     from tools.shap_report import shap_report
 
-    for t in (explain_concept, embedding_distance, launch_finetune, finetune_status, cancel_finetune, shap_report):
+    for t in (explain_concept, embedding_distance, launch_finetune, finetune_status, cancel_finetune, shap_report,
+              kb_ingest):
         register(t)

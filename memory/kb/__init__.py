@@ -1,0 +1,1 @@
+"""The knowledge base: curated bilingual concept cards, user documents, Chroma + BM25 retrieval."""
