@@ -62,7 +62,7 @@ class Agent:
         settings.home.mkdir(parents=True, exist_ok=True)
         self.toolbox = Toolbox(settings, registry)
         self.registry = self.toolbox.registry
-        self.brain = make_local_brain(settings, self.registry, router_embedder)
+        self.brain = make_local_brain(self.toolbox, router_embedder)
         self.checkpointer = checkpointer if checkpointer is not None else open_checkpointer(settings.threads_db)
         self.graph = build_graph(self.brain, self.registry, self.toolbox.context_for_turn).compile(
             checkpointer=self.checkpointer)

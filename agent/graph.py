@@ -56,7 +56,7 @@ class TurnNodes:
                 trace.append(_step("route", self.brain.route_text(call, state["lang"])))
                 return {"plan": [call], "trace": trace, "memo": memo}
         for step in state["steps_text"]:
-            call = self.brain.route_step(step, state["lang"], memo)
+            call = self.brain.route_step(step, state["lang"], memo, state.get("user_id"))
             plan.append(call)
             trace.append(_step("route", self.brain.route_text(call, state["lang"])))
         return {"plan": plan, "trace": trace, "memo": memo}

@@ -55,7 +55,7 @@ class SemanticRouter:
         self._labels: list[str] = []
         self._matrix: np.ndarray | None = None
         # One compiled alternation per tool: hundreds of keywords cost one scan of the text.
-        self._keywords = {name: keyword_pattern(t.keywords) for name, t in self.tools.items()}
+        self._keywords = {name: keyword_pattern(t.all_keywords()) for name, t in self.tools.items()}
 
     def _exemplars(self) -> tuple[list[str], list[str]]:
         labels, phrases = [], []
@@ -159,6 +159,16 @@ _QUESTION = re.compile(r"^(?:what|what's|whats|explain|how does|how do|how is|wh
                        r"\beli5\b|\bgist\b|walk me through|what (?:does|do|is|are)\b|\bwtf is\b|the deal with|"
                        r"科普|咋|啥|怎么(?:工作|回事|理解|用)|如何理解|有什么(?:区别|不同)|不一样")
 _QUESTIONISH = re.compile(r"[?？]\s*$|[?？]\s|吗|呢")
+_ASKING = re.compile(r"^\W*(?:who|whom|whose|when|where|which|how|what|why|is|are|do|does|can|should|list)\b|"
+                     r"谁|什么时候|何时|哪|几|多少|怎么|如何|为什么|是否|有没有", re.IGNORECASE)
+
+
+def looks_like_question(text: str) -> bool:
+    """A question (not thanks or a greeting): "when is the release freeze?", "值班找谁？"."""
+    low = text.strip().lower()
+    if not low or _THANKS.search(low):
+        return False
+    return bool(_QUESTION.search(low) or _QUESTIONISH.search(low) or _ASKING.search(low))
 _MY_JOB = re.compile(r"\bmy\s+(?:\w+\s+){0,2}(?:job|run|training|fine-?tune|finetune)|(?:我的|我那个|我那|刚才的)\s*"
                      r"(?:\S{0,4})(?:任务|微调|训练)")
 _TRAIN_VERB = re.compile(r"fine-?t\w*n|finetun|\btune\b|\btrain(?:ing)?\b|\bsft\b|\badapt\b|微调|训练|训一下|"

@@ -14,7 +14,7 @@ from agent.toolbox import Toolbox
 
 def make_graph():
     toolbox = Toolbox(Settings.from_env())
-    brain = make_local_brain(toolbox.settings, toolbox.registry)
+    brain = make_local_brain(toolbox)
     return build_graph(brain, toolbox.registry, toolbox.context_for_turn).compile()
 
 

@@ -90,12 +90,19 @@ class Tool:
     exemplars: dict[str, list[str]] = field(default_factory=dict)
     # Words that strongly suggest this tool (lower-case; Chinese as written).
     keywords: tuple[str, ...] = ()
+    # Optional: ``() -> words`` read when a router is built (e.g. the names of the concept cards),
+    # so listing tools never pays for loading them.
+    more_keywords: Callable[[], tuple[str, ...]] | None = None
     # Optional: ``(args, ctx) -> dict`` checked before a side-effect tool asks for confirmation.
     preflight: Callable[[BaseModel, ToolContext], dict] | None = None
     # Optional: ``(result, lang) -> str`` the answer text for a successful call.
     render: Callable[[dict, str], str] | None = None
     # Optional: ``(args_dict, lang) -> str`` the confirmation preview line.
     preview: Callable[[dict, str], str] | None = None
+
+    def all_keywords(self) -> tuple[str, ...]:
+        extra = self.more_keywords() if self.more_keywords else ()
+        return self.keywords + tuple(k.lower() for k in extra)
 
     def schema(self) -> dict:
         return self.args_model.model_json_schema()
@@ -117,6 +124,7 @@ def tool(
     side_effects: bool = False,
     exemplars: dict[str, list[str]] | None = None,
     keywords: tuple[str, ...] | list[str] = (),
+    more_keywords: Callable[[], tuple[str, ...]] | None = None,
     preflight: Callable | None = None,
     render: Callable | None = None,
     preview: Callable | None = None,
@@ -132,6 +140,7 @@ def tool(
             side_effects=side_effects,
             exemplars=dict(exemplars or {}),
             keywords=tuple(k.lower() for k in keywords),
+            more_keywords=more_keywords,
             preflight=preflight,
             render=render,
             preview=preview,

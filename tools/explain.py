@@ -26,6 +26,9 @@ MAX_QUERY = 2000
 # about concepts the base does not hold (`stackwise eval answers`).
 MIN_DENSE = 0.40
 MIN_DOC_DENSE = 0.30
+DOC_MARGIN = 0.02
+_DEFINE = re.compile(r"\bwhat(?:'s| is| are| does)\b|\bexplain|\bdefin|\bmeaning of\b|\btell me about\b|\bhow does\b|"
+                     r"\beli5\b|什么是|是什么|解释|介绍|原理|含义|意思|科普", re.IGNORECASE)
 _CJK = re.compile(r"[\u3400-\u9fff]")
 _COMPARE = re.compile(r"\bvs\.?\b|\bversus\b|\bdiffer|\bcompar|\bor\b.{0,40}\b(?:better|which)\b|\bbetter than\b|"
                       r"区别|不同|对比|比较|差异|异同|差别|\bv\.?s\b|哪个好|还是", re.IGNORECASE)
@@ -71,8 +74,17 @@ def _related(kb, card, lang: str) -> list[dict]:
     return [{"id": c.id, "title": c.side(lang).title} for c in found if c is not None]
 
 
+def card_names() -> tuple[str, ...]:
+    """Every title and alias of the shipped concept cards: words that name a concept."""
+    from memory.kb.cards import load_cards
+
+    names = {n.lower() for card in load_cards() for n in card.names()}
+    return tuple(sorted(n for n in names if len(n) >= (2 if _CJK.search(n) else 3)))
+
+
 @tool(
     args=ExplainArgs,
+    more_keywords=card_names,
     keywords=("what is", "explain", "how does", "meaning", "eli5", "什么是", "解释", "介绍", "原理", "区别", "科普",
               *TOPIC_TERMS),
     exemplars={
@@ -118,19 +130,21 @@ def explain_concept(args: ExplainArgs, ctx: ToolContext) -> dict:
         if isinstance(exc, KnowledgeError):
             raise ToolError("knowledge_base_unavailable", str(exc)) from None
         raise
-    top_doc = next((h for h in hits[:3] if h.kind == "doc"), None)
+    docs = sorted((h for h in hits if h.kind == "doc"), key=lambda h: -(h.dense or 0.0))
     cards = [h for h in hits if h.kind == "card"]
+    doc_sim = (docs[0].dense or 0.0) if docs else 0.0
+    card_sim = max((h.dense or 0.0 for h in cards), default=0.0)
     if len(named) >= 2 and _COMPARE.search(query):
         return _compare([kb.card(c) for c in named[:3]], lang, kb)
-    if top_doc is not None and hits[0].kind == "doc" and (top_doc.dense or 0) >= MIN_DOC_DENSE:
-        see = kb.card(named[0]) if named else None
-        return _from_documents(kb, query, [h for h in hits[:4] if h.kind == "doc"], lang, see)
+    # "Who approves GPU quota?" names a concept but asks about the user's notes; "what is a GPU?" does not.
+    if doc_sim >= MIN_DOC_DENSE and doc_sim >= card_sim + DOC_MARGIN and not (named and _DEFINE.search(query)):
+        return _from_documents(kb, query, docs[:3], lang, kb.card(named[0]) if named else None)
     if named:
         return _explain(kb.card(named[0]), lang, kb)
     if cards and (cards[0].dense or 0) >= MIN_DENSE:
         return _explain(kb.card(cards[0].card), lang, kb)
-    if top_doc is not None and (top_doc.dense or 0) >= MIN_DOC_DENSE:
-        return _from_documents(kb, query, [h for h in hits[:4] if h.kind == "doc"], lang, None)
+    if doc_sim >= MIN_DOC_DENSE:
+        return _from_documents(kb, query, docs[:3], lang, None)
     nearest = [{"id": h.card, "title": kb.card(h.card).side(lang).title} for h in cards[:3]]
     return {"concept": None, "mode": "unknown", "lang": lang, "explanation": compose_unknown(query, lang, nearest),
             "citations": [], "related": nearest}

@@ -11,7 +11,7 @@ import re
 from typing import Any
 
 from agent import templates as T
-from agent.router import SemanticRouter
+from agent.router import SemanticRouter, looks_like_question
 from agent.slots import extract_slots, fill_args
 from agent.state import PlannedCall, TurnState
 from tools.base import Tool
@@ -20,27 +20,40 @@ from tools.registry import ToolRegistry
 _FILE_FIELDS = ("data", "dataset")
 
 
-def make_local_brain(settings: Any, registry: ToolRegistry, router_embedder: Any = None) -> LocalBrain:
-    """The local brain for ``settings``: the semantic router on the configured multilingual embedder."""
+# A question the router took for small talk goes to explain_concept when one of the asker's
+# documents is at least this close to it (cosine, the knowledge base's embedder).
+DOC_ROUTE_MIN = 0.35
+
+
+def make_local_brain(toolbox: Any, router_embedder: Any = None) -> LocalBrain:
+    """The local brain for a :class:`~agent.toolbox.Toolbox`: the semantic router on the configured
+    multilingual embedder, and the toolbox's knowledge base for questions about the user's documents."""
     from agent.toolbox import embedder_factory
 
+    settings = toolbox.settings
     embedder = router_embedder or embedder_factory(settings.router_model)
-    router = SemanticRouter(list(registry), embedder, threshold=settings.router_threshold,
+    router = SemanticRouter(list(toolbox.registry), embedder, threshold=settings.router_threshold,
                             cache_dir=settings.cache_dir)
-    return LocalBrain(registry, router)
+    return LocalBrain(toolbox.registry, router, knowledge=toolbox.knowledge)
 
 
 class LocalBrain:
     name = "local"
 
-    def __init__(self, registry: ToolRegistry, router: SemanticRouter):
+    def __init__(self, registry: ToolRegistry, router: SemanticRouter, knowledge: Any = None):
         self.registry = registry
         self.router = router
+        self.knowledge = knowledge
 
     # --- route -----------------------------------------------------------------------------
-    def route_step(self, step: str, lang: str, memo: dict[str, Any]) -> PlannedCall:
+    def route_step(self, step: str, lang: str, memo: dict[str, Any], user_id: str | None = None) -> PlannedCall:
         slots = extract_slots(step, lang)
         decision = self.router.route(step, slots)
+        if decision.tool is None and "explain_concept" in self.registry and self._documents_answer(step, user_id):
+            tool = self.registry.get("explain_concept")
+            return {"step": step, "tool": tool.name, "args": fill_args(tool.args_model, slots, lang) | {"query": step},
+                    "score": decision.score, "status": "planned", "record": None,
+                    "why": decision.explain() + "; your documents answer it"}
         if decision.tool is None:
             return {"step": step, "tool": None, "args": {}, "score": decision.score, "status": "chat",
                     "record": None, "why": decision.explain()}
@@ -49,6 +62,16 @@ class LocalBrain:
         self._resolve_references(tool, args, memo)
         return {"step": step, "tool": tool.name, "args": args, "score": decision.score, "status": "planned",
                 "record": None, "why": decision.explain()}
+
+    def _documents_answer(self, step: str, user_id: str | None) -> bool:
+        """Whether a question-shaped step is answered by the user's (or the shared) documents."""
+        if self.knowledge is None or not looks_like_question(step):
+            return False
+        kb = self.knowledge()
+        if not kb.has_documents(owner=user_id):
+            return False
+        hits = kb.search(step, k=1, owner=user_id, kinds=("doc",))
+        return bool(hits) and (hits[0].dense or 0.0) >= DOC_ROUTE_MIN
 
     def open_question(self, call: PlannedCall, record: dict) -> dict | None:
         """The argument a failed call is missing, when the answer will ask the user for it.

@@ -2,8 +2,8 @@
 
 Example:
     >>> index = BM25([["lora", "adapter"], ["qlora", "4bit"], ["attention"]])
-    >>> index.top(["qlora"], 2)
-    [(1, 1.0)]
+    >>> [row for row, _ in index.top(["qlora"], 3)]
+    [1]
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ class BM25:
         return np.asarray(self.matrix[:, cols] @ weights).ravel()[: self.size]
 
     def top(self, query: list[str], n: int) -> list[tuple[int, float]]:
-        """The ``n`` best rows with a positive score, best first; scores scaled so the best is 1."""
+        """The ``n`` best rows with a positive score, best first; scores scaled so the best is 1 (each
+        namespace has its own index, and raw scores of a small one are not comparable to a large one's)."""
         scores = self.scores(query)
         positive = np.flatnonzero(scores > 0)
         if not len(positive):

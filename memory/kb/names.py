@@ -95,6 +95,8 @@ class NameIndex:
         for i in range(len(spans)):
             for j in range(i + 1, min(i + MAX_WORDS, len(spans)) + 1):
                 words = [w for _, _, w in spans[i:j]]
+                if j - i > 1 and (words[0] in STOP_EN or words[-1] in STOP_EN):
+                    continue  # "is lora" is not a name, and must not fuzzily become "rslora"
                 compact = "".join(words)
                 start, end = spans[i][0], spans[j - 1][1]
                 for card in self.exact.get(compact, ()):

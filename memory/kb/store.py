@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -36,9 +37,17 @@ from memory.kb.vectors import VectorStore, collection_name
 log = logging.getLogger(__name__)
 
 DEFAULT_KB_EMBEDDER = "use-multilingual"
-RRF_K = 60
+RRF_K = 5
 CANDIDATES = 40
 MAX_QUERY_CHARS = 2000
+MAX_SENTENCE_VECTORS = 24
+NAME_WEIGHT = 1.0
+DENSE_WEIGHT = 1.0
+BM25_WEIGHT = 1.0
+DOC_CUE_WEIGHT = 1.0
+_ABOUT_OUR_DOCS = re.compile(r"\bours?\b|\bour team\b|\bin (?:the|my|our) (?:notes|docs|runbook|handbook|"
+                             r"guide|checklist|wiki)\b|我们的|咱们|我司|公司|团队|内部|手册|清单|文档里|规范里|指南里",
+                             re.IGNORECASE)
 Retriever = Literal["hybrid", "dense", "bm25", "dense+bm25"]
 RETRIEVERS = ("hybrid", "dense", "bm25", "dense+bm25")
 
@@ -84,13 +93,43 @@ def card_chunks(card: Card) -> list[tuple[str, str, str, str]]:
     return rows
 
 
-class _Namespace:
-    """One namespace's in-memory BM25 and chunk table, rebuilt when the records' version moves."""
+def vector_units(chunk_id: str, heading: str, text: str) -> list[tuple[str, str]]:
+    """What gets a vector for one chunk: the chunk, and each of its sentences under its heading.
 
-    def __init__(self, rows: list[tuple]):
+    A question usually asks about one thing a chunk says; a sentence vector matches that far better
+    than the vector of the whole chunk (the search takes each chunk's best match)."""
+    units = [(chunk_id, f"{heading}\n{text}")]
+    body = text.split("\n", 1)[1] if text.startswith(heading) and "\n" in text else text
+    sentences = [s for line in body.splitlines() for s in split_sentences(line) if len(s) >= 12]
+    if len(sentences) > 1:
+        units += [(f"{chunk_id}~{n}", f"{heading}: {s}") for n, s in enumerate(sentences[:MAX_SENTENCE_VECTORS])]
+    return units
+
+
+class _View:
+    """Chunks of some namespaces, one BM25 over them, and each chunk's result item: a card's chunks
+    share one item (a card is one result), a document chunk is its own."""
+
+    def __init__(self, rows: list[tuple[str, tuple]]):
+        self.spaces = list(dict.fromkeys(ns for ns, _ in rows))
+        self.position = {row[0]: i for i, (_, row) in enumerate(rows)}
+        self.bm25 = BM25([row[7].split(" ") if row[7] else [] for _, row in rows])
+        self.card_item: dict[str, int] = {}
+        self.item = [self.card_item.setdefault(row[2], i) if row[2] else i for i, (_, row) in enumerate(rows)]
         self.rows = rows
-        self.position = {row[0]: i for i, row in enumerate(rows)}
-        self.bm25 = BM25([row[7].split(" ") if row[7] else [] for row in rows])
+        self.ns_index = np.asarray([self.spaces.index(ns) for ns, _ in rows], dtype=np.int64)
+
+    def bm25_top(self, terms: list[str], n: int) -> list[int]:
+        """Best rows by BM25 with global term statistics, each namespace's scores scaled to its best:
+        the user's notes and the cards are different kinds of text, and neither should drown the other."""
+        scores = self.bm25.scores(terms)
+        if not scores.size or not scores.any():
+            return []
+        best = np.zeros(len(self.spaces), dtype=np.float32)
+        np.maximum.at(best, self.ns_index, scores)
+        scaled = scores / np.maximum(best[self.ns_index], 1e-9)
+        positive = np.flatnonzero(scores > 0)
+        return [int(i) for i in positive[np.argsort(-scaled[positive], kind="stable")[: n * 3]]]
 
 
 class KnowledgeBase:
@@ -104,7 +143,7 @@ class KnowledgeBase:
         self._lock = threading.RLock()
         self._records: Records | None = None
         self._vectors: VectorStore | None = None
-        self._spaces: dict[str, _Namespace] = {}
+        self._views: dict[tuple[str, ...], _View] = {}
         self._version = -1
         self._names: NameIndex | None = None
         self._cards: dict[str, Card] | None = None
@@ -173,17 +212,16 @@ class KnowledgeBase:
             self._ready = True
 
     def _index_cards(self) -> None:
-        rows, texts, ids = [], [], []
+        rows, units = [], []
         for card in self.cards().values():
             for chunk_id, lang, section, text in card_chunks(card):
-                rows.append((card.id, (chunk_id, 0, card.id, lang, card.side(lang).title, section, text,
-                                       " ".join(tokenize(text)))))
-                texts.append(text)
-                ids.append(chunk_id)
-        log.info("indexing %d card chunks with %s", len(ids), self.embedder_name)
-        vectors = self.embedder().embed(texts)
+                title = card.side(lang).title
+                rows.append((card.id, (chunk_id, 0, card.id, lang, title, section, text, " ".join(tokenize(text)))))
+                units.append((chunk_id, text, card.id))  # sentence vectors measured no better for cards
+        log.info("indexing %d card chunks (%d vectors) with %s", len(rows), len(units), self.embedder_name)
+        vectors = self.embedder().embed([u[1] for u in units])
         self.vectors.reset("cards", self._embed_tag())
-        self.vectors.add("cards", self._embed_tag(), ids, vectors, [{"card": r[0]} for r in rows])
+        self.vectors.add("cards", self._embed_tag(), [u[0] for u in units], vectors, [{"card": u[2]} for u in units])
         self.records.drop_namespace("cards")
         by_card: dict[str, list[tuple]] = {}
         for card_id, row in rows:
@@ -221,18 +259,23 @@ class KnowledgeBase:
         key = hashlib.sha256(f"{ns}|{source}".encode()).hexdigest()[:12]
         ids = [f"doc:{key}:{c.seq}" for c in chunks]
         texts = [f"{c.heading}\n{c.text}" for c in chunks]
-        vectors = self.embedder().embed(texts)
+        units = [u for i, c in enumerate(chunks) for u in vector_units(ids[i], c.heading, c.text)]
+        vectors = self.embedder().embed([u[1] for u in units])
         lang = [("zh" if sum("\u4e00" <= ch <= "\u9fff" for ch in t) > len(t) * 0.1 else "en") for t in texts]
         tag = self._embed_tag()
         with self._lock:
-            old = self.records.chunk_ids(ns, source)
-            if old:
-                self.vectors.delete(ns, tag, old)
-            self.vectors.add(ns, tag, ids, vectors, [{"source": source} for _ in ids])
+            if before:
+                self.vectors.delete_where(ns, tag, {"source": source})
+            self.vectors.add(ns, tag, [u[0] for u in units], vectors, [{"source": source} for _ in units])
             self.records.replace_source(ns, source, path.name, sha, size, [
                 (ids[i], c.seq, None, lang[i], path.name, c.heading, c.text, " ".join(tokenize(texts[i])))
                 for i, c in enumerate(chunks)])
         return {"source": source, "status": "updated" if before else "added", "chunks": len(chunks)}
+
+    def has_documents(self, *, owner: str | None = None) -> bool:
+        """Whether any document is visible to ``owner`` (shared ones, and their own)."""
+        spaces = ["shared"] + ([user_namespace(owner)] if owner else [])
+        return any(self.records.sources(ns) for ns in spaces)
 
     def find_source(self, source: str, *, owner: str | None = None) -> str:
         """The stored source that ``source`` names: the exact path, or a unique file name."""
@@ -256,10 +299,8 @@ class KnowledgeBase:
     def remove(self, source: str, *, owner: str | None = None) -> dict:
         ns = user_namespace(owner) if owner else "shared"
         stored = self.find_source(source, owner=owner)
-        ids = self.records.chunk_ids(ns, stored)
         with self._lock:
-            if ids:
-                self.vectors.delete(ns, self._embed_tag(), ids)
+            self.vectors.delete_where(ns, self._embed_tag(), {"source": stored})
             count = self.records.drop_source(ns, stored)
         return {"source": stored, "removed_chunks": count}
 
@@ -278,15 +319,18 @@ class KnowledgeBase:
         }
 
     # -- search ----------------------------------------------------------------------------------
-    def _space(self, ns: str) -> _Namespace:
-        version = self.records.version()
-        if version != self._version:
-            self._spaces.clear()
-            self._version = version
-        space = self._spaces.get(ns)
-        if space is None:
-            space = self._spaces[ns] = _Namespace(self.records.load(ns))
-        return space
+    def _view(self, spaces: tuple[str, ...]) -> _View:
+        """The chunks of ``spaces`` with one BM25 index over all of them (global term statistics, so
+        a term only the user's notes contain weighs what it should), rebuilt when the base changes."""
+        with self._lock:
+            version = self.records.version()
+            if version != self._version:
+                self._views.clear()
+                self._version = version
+            view = self._views.get(spaces)
+            if view is None:
+                view = self._views[spaces] = _View([(ns, row) for ns in spaces for row in self.records.load(ns)])
+            return view
 
     def search(self, query: str, *, k: int = 5, owner: str | None = None, retriever: Retriever = "hybrid",
                kinds: tuple[str, ...] = ("card", "doc")) -> list[Hit]:
@@ -298,51 +342,51 @@ class KnowledgeBase:
         spaces = [ns for ns, kind in (("cards", "card"), ("shared", "doc")) if kind in kinds]
         if owner and "doc" in kinds:
             spaces.append(user_namespace(owner))
-        with self._lock:
-            loaded = {ns: self._space(ns) for ns in spaces}
-        spaces = [ns for ns in spaces if loaded[ns].rows]
-        lists: list[tuple[float, list[str]]] = []
-        rows: dict[str, tuple[str, tuple]] = {}
-        dense: dict[str, float] = {}
-
-        def key(ns: str, row: tuple) -> str:
-            rows.setdefault(row[2] and f"card:{row[2]}" or row[0], (ns, row))
-            return row[2] and f"card:{row[2]}" or row[0]
-
+        view = self._view(tuple(spaces))
+        lists: list[tuple[float, list[int]]] = []
+        dense: dict[int, float] = {}
         if retriever in ("hybrid", "dense", "dense+bm25"):
             vector = self.embedder().embed([query])[0]
             scored = []
-            for ns in spaces:
-                for chunk_id, distance in self.vectors.query(ns, self._embed_tag(), vector, CANDIDATES):
-                    index = loaded[ns].position.get(chunk_id)
+            for ns in view.spaces:
+                for vector_id, distance in self.vectors.query(ns, self._embed_tag(), vector, CANDIDATES * 3):
+                    index = view.position.get(vector_id.split("~", 1)[0])
                     if index is not None:
-                        item = key(ns, loaded[ns].rows[index])
+                        item = view.item[index]
                         scored.append((distance, item))
                         dense[item] = max(dense.get(item, -1.0), 1.0 - float(distance))
-            lists.append((1.0, _dedupe(k for _, k in sorted(scored))))
+            lists.append((DENSE_WEIGHT, _dedupe(i for _, i in sorted(scored))))
         if retriever in ("hybrid", "bm25", "dense+bm25"):
-            terms = tokenize(query)
-            scored = []
-            for ns in spaces:
-                for index, score in loaded[ns].bm25.top(terms, CANDIDATES):
-                    scored.append((-score, key(ns, loaded[ns].rows[index])))
-            lists.append((1.0, _dedupe(k for _, k in sorted(scored))))
-        if retriever == "hybrid" and "cards" in spaces:
-            named = [f"card:{m.card}" for m in self.names().find(query)]
-            for name in named:
-                card_rows = loaded["cards"].rows
-                first = next((r for r in card_rows if r[2] == name[5:]), None)
-                if first is not None:
-                    key("cards", first)
-            lists.append((2.0, [n for n in named if n in rows]))
-        fused: dict[str, float] = {}
+            lists.append((BM25_WEIGHT, _dedupe(view.item[i] for i in view.bm25_top(tokenize(query), CANDIDATES))))
+        fused: dict[int, float] = {}
+        if retriever == "hybrid":
+            # A concept named in the question counts in proportion to how much of the question it is:
+            # all of "what is QLoRA?", a small part of a long question that mentions GPUs in passing.
+            content = max(1, len(_content_chars(query)))
+            named = [m for m in self.names().find(query) if m.card in view.card_item]
+            for rank, match in enumerate(named):
+                item = view.card_item[match.card]
+                share = min(1.0, len(_content_chars(query[match.start:match.end])) / content)
+                fused[item] = fused.get(item, 0.0) + NAME_WEIGHT * share / (RRF_K + rank + 1)
         for weight, ranked in lists:
             for rank, item in enumerate(ranked):
                 fused[item] = fused.get(item, 0.0) + weight / (RRF_K + rank + 1)
+        if retriever in ("hybrid", "dense+bm25"):
+            # BM25 cannot see a document written in the other language; rather than count that
+            # blindness against it, let such a document stand in BM25 where it stands densely.
+            query_lang, in_bm25 = _lang_of(query), set(lists[1][1])
+            for rank, item in enumerate(lists[0][1]):
+                ns, row = view.rows[item]
+                if not row[2] and row[3] != query_lang and item not in in_bm25:
+                    fused[item] += BM25_WEIGHT / (RRF_K + rank + 1)
+        if retriever == "hybrid" and _ABOUT_OUR_DOCS.search(query):
+            # "our cluster", "值班手册里": the question is about the user's own material.
+            for rank, item in enumerate(i for i in lists[0][1] if not view.rows[i][1][2]):
+                fused[item] += DOC_CUE_WEIGHT / (RRF_K + rank + 1)
         best = sorted(fused, key=lambda item: -fused[item])[:k]
-        return [self._hit(item, rows[item], fused[item], dense.get(item)) for item in best]
+        return [self._hit(view.rows[item], fused[item], dense.get(item)) for item in best]
 
-    def _hit(self, item: str, found: tuple[str, tuple], score: float, sim: float | None) -> Hit:
+    def _hit(self, found: tuple[str, tuple], score: float, sim: float | None) -> Hit:
         ns, (chunk_id, source, card, lang, title, section, text, _tokens) = found
         if card:
             return Hit(id=f"kb:{card}", kind="card", card=card, source=self.cards()[card].file, title=title,
@@ -365,7 +409,16 @@ class KnowledgeBase:
             self._vectors = None
 
 
-def _dedupe(items) -> list[str]:
+def _lang_of(text: str) -> str:
+    return "zh" if sum("\u4e00" <= ch <= "\u9fff" for ch in text) >= 2 else "en"
+
+
+def _content_chars(text: str) -> str:
+    """Letters, digits and Chinese characters outside question words: how much a text says."""
+    return "".join(tokenize(text))
+
+
+def _dedupe(items) -> list:
     seen: dict[str, None] = {}
     for item in items:
         seen.setdefault(item, None)

@@ -98,11 +98,10 @@ class VectorStore:
             collection.upsert(ids=ids[start:end], embeddings=np.asarray(vectors[start:end], dtype=np.float32),
                               metadatas=metadatas[start:end])
 
-    def delete(self, ns: str, tag: str, ids: list[str]) -> None:
+    def delete_where(self, ns: str, tag: str, where: dict) -> None:
         collection = self._collection(ns, tag, create=False)
-        if collection is not None and ids:
-            for start in range(0, len(ids), 5000):
-                collection.delete(ids=ids[start:start + 5000])
+        if collection is not None:
+            collection.delete(where=where)
 
     def query(self, ns: str, tag: str, vector: np.ndarray, n: int) -> list[tuple[str, float]]:
         collection = self._collection(ns, tag, create=False)
