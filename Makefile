@@ -27,6 +27,7 @@ $(STAMP): $(BIN)/python pyproject.toml requirements.lock
 setup: $(STAMP)
 
 chat: setup
+	@$(BIN)/stackwise kb stats >/dev/null || true   # first run: index the concept cards (~15 s, once)
 	$(BIN)/stackwise chat
 
 test: setup

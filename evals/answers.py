@@ -7,6 +7,7 @@ the answer is about an expected card/document, and unknown concepts are said to 
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -18,12 +19,14 @@ GROUPS = ("en", "zh", "cross", "unknown", "all")
 
 
 def answer_language(answer: str) -> str:
-    from agent.language import detect_language
-
+    """The language most of the answer is written in: Chinese characters against English words.
+    Quoted document lines keep their own language and the sources block names papers (English
+    either way), so neither is counted."""
     own = "\n".join(line for line in answer.splitlines() if not line.startswith(">"))
-    # Source lines name papers and URLs (English either way); the body decides.
-    body = own.split("\n\n")[:-1] or [own]
-    return detect_language("\n\n".join(body))
+    body = "\n\n".join(own.split("\n\n")[:-1]) or own
+    han = len(re.findall(r"[\u4e00-\u9fff]", body))
+    words = len(re.findall(r"[A-Za-z]{2,}", body))
+    return "zh" if han >= words else "en"
 
 
 def answered(result: dict) -> set[str]:

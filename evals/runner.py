@@ -43,12 +43,14 @@ def run_evals(suite: str, *, settings: Any, as_json: bool = False, failures: int
                     print("\n== shap (synthetic sets with planted drivers) ==")
                     print(format_shap_eval(report))
             elif name == "retrieval":
-                from evals.retrieval import format_retrieval, run_retrieval
+                from evals import retrieval
 
-                results["retrieval"] = report = run_retrieval(settings)
-                if not as_json:
-                    print("\n== retrieval (evals/cases/retrieval.jsonl) ==")
-                    print(format_retrieval(report, show_failures=failures))
+                for label, path in retrieval.RETRIEVAL_SETS.items():
+                    results[f"retrieval:{label}"] = report = retrieval.run_retrieval(settings,
+                                                                                    retrieval.load_cases(path))
+                    if not as_json:
+                        print(f"\n== retrieval, {label} ({path.name}) ==")
+                        print(retrieval.format_retrieval(report, show_failures=failures))
             elif name == "answers":
                 from evals.answers import format_answers, run_answers
 

