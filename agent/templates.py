@@ -7,7 +7,8 @@ import re
 CAPABILITIES = {
     "en": (
         "I'm stackwise, a helper for people who build with the AI stack. I can:\n"
-        "• explain a concept — \"what is QLoRA?\", \"how does attention work?\"\n"
+        "• explain a concept — \"what is QLoRA?\", \"LoRA vs QLoRA\" — with sources, from 170+ concept cards\n"
+        "• answer from your own notes — \"add notes.md to my knowledge base\", then ask about them\n"
         "• measure how close texts are — \"how similar are 'king' and 'queen'?\" (cosine, Euclidean, dot, Manhattan)\n"
         "• fine-tune a model — \"fine-tune Qwen2.5-0.5B on data.jsonl with LoRA rank 16\" (I check and ask first)\n"
         "• watch or cancel a job — \"status of ft-3\", \"cancel ft-3\"\n"
@@ -16,7 +17,8 @@ CAPABILITIES = {
     ),
     "zh": (
         "我是 stackwise，面向 AI 技术栈开发者的助手。我可以：\n"
-        "• 解释概念——「什么是 QLoRA？」「注意力机制怎么工作？」\n"
+        "• 解释概念——「什么是 QLoRA？」「LoRA 和 QLoRA 有什么区别」，附来源，基于 170 多张概念卡片\n"
+        "• 根据你自己的笔记回答——「把 notes.md 加到我的知识库」，然后直接提问\n"
         "• 计算文本之间的距离——「“国王”和“女王”有多相似？」（余弦、欧氏、点积、曼哈顿）\n"
         "• 微调模型——「用 LoRA 秩 16 在 data.jsonl 上微调 Qwen2.5-0.5B」（先检查并征求你的确认）\n"
         "• 查看或取消任务——「ft-3 的进度」「取消 ft-3」\n"
