@@ -107,6 +107,12 @@ def cmd_kb(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_mcp(args: argparse.Namespace) -> int:
+    from bots.mcp_server import run_mcp
+
+    return run_mcp(_settings(args), http=args.http, host=args.host, port=args.port)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from evals.runner import run_evals
 
