@@ -20,7 +20,7 @@ os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
 
 LATER = {
     "jobs": "the fine-tune launcher issue", "worker": "the fine-tune launcher issue",
-    "serve": "the HTTP/MCP issue", "telegram": "the chat-channels issue",
+    "telegram": "the chat-channels issue",
     "slack": "the chat-channels issue", "memory": "the memory issue",
 }
 
@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     from bots.kb_commands import add_kb_parser
 
     add_kb_parser(sub)
+    serve = sub.add_parser("serve", help="HTTP API: OpenAI-compatible /v1/chat/completions and native routes")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (not loopback: STACKWISE_API_TOKENS required)")
+    serve.add_argument("--port", type=int, default=8000)
     mcp = sub.add_parser("mcp", help="MCP server: every tool, over stdio (default) or streamable HTTP")
     mcp.add_argument("--http", action="store_true", help="serve streamable HTTP at http://HOST:PORT/mcp")
     mcp.add_argument("--host", default="127.0.0.1")

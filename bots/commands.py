@@ -107,6 +107,12 @@ def cmd_kb(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from bots.http import serve
+
+    return serve(_settings(args), host=args.host, port=args.port)
+
+
 def cmd_mcp(args: argparse.Namespace) -> int:
     from bots.mcp_server import run_mcp
 

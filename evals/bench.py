@@ -90,6 +90,7 @@ def bench_warm(settings: Any, rounds: int = 8) -> dict[str, float]:
 
 def run_bench(*, settings: Any, as_json: bool = False, quick: bool = False) -> int:
     from evals.bench_embedding import bench_embedding
+    from evals.bench_http import bench_http
     from evals.bench_kb import bench_kb
     from evals.bench_shap import bench_shap
 
@@ -99,12 +100,14 @@ def run_bench(*, settings: Any, as_json: bool = False, quick: bool = False) -> i
                                 rounds=3 if quick else 8),
         "embedding": bench_embedding(n=300 if quick else 1000),
         "knowledge_base": bench_kb(settings, n_chunks=3000 if quick else 10_000),
+        "http": bench_http(settings.with_(home=Path(tempfile.mkdtemp(prefix="sw-http-bench-")))),
         "shap": bench_shap(repeat=1 if quick else 3),
     }
     if as_json:
         sys.stdout.write(json.dumps(results) + "\n")
         return 0
     w, e, s, k = results["warm_turn"], results["embedding"], results["shap"], results["knowledge_base"]
+    h = results["http"]
     rows = [(f"cold `stackwise ask` ({k})", f"{v['median_s']:.2f} s median, {v['max_s']:.2f} s max", "≤ 6 s")
             for k, v in results["cold_ask"].items()]
     rows += [
@@ -120,6 +123,9 @@ def run_bench(*, settings: Any, as_json: bool = False, quick: bool = False) -> i
          f"({k['queries']} queries, warm)", "p95 ≤ 30 ms"),
         ("explain_concept call at the same size, p50 / p95", f"{k['explain_p50_ms']:.1f} / "
          f"{k['explain_p95_ms']:.1f} ms", ""),
+        (f"HTTP: {h['requests']} chat completions over {h['threads']} threads", f"{h['errors']} errors, "
+         f"{h['throughput_rps']:.0f} req/s, p95 {h['latency_p95_ms']:.0f} ms, interleaved {h['interleaved_threads']}",
+         "0 errors, 0 interleaved"),
         (f"shap explain vs raw TreeExplainer, {s['explained_rows']} rows", f"{s['tool_explain_s']:.2f} vs "
          f"{s['raw_s']:.2f} s (ratio {s['ratio_no_plots']:.2f})", "≤ 1.2×"),
         ("shap explain + plots + report vs raw", f"ratio {s['ratio_with_plots']:.2f} "
