@@ -23,6 +23,8 @@ class FinetuneSpec(BaseModel):
         min_length=1, max_length=500,
         description="JSONL / JSON / CSV / Parquet file inside the allowed roots.",
     )
+    data_format: Literal["auto", "cot", "chat", "alpaca"] = Field(
+        "auto", description="Row format: chain-of-thought, chat messages, alpaca; auto-detected by default.")
     method: Literal["lora", "qlora", "full"] = Field("lora", description="Adapter method or full SFT.")
     lora_rank: int = Field(16, ge=1, le=1024, description="LoRA rank r.")
     lora_alpha: int | None = Field(None, ge=1, le=4096, description="LoRA alpha (default 2 × rank).")
