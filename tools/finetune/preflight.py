@@ -1,0 +1,285 @@
+"""Preflight of a fine-tune job: rows, token lengths, steps, parameter counts, VRAM and time, warnings.
+
+Sizes are in GiB (2**30 bytes, as torch and nvidia-smi report them); ``gpu = {"name", "memory_gb"}``
+uses the same unit. P = parameters, b = ``batch_size``, s = the longest sequence a batch can hold
+(``max_seq_len`` when packing, else min(``max_seq_len``, the longest row)), h / L / V = hidden size,
+layers, vocabulary.
+
+VRAM estimate (one device)::
+
+    weights      = 2 B × P                                  LoRA, full (bf16)
+                 = 0.516 B × P_linear + 2 B × (P − P_linear)  QLoRA: NF4 4-bit blocks of 64 + double-quantised
+                                                            constants (~0.127 bit/param); embeddings, head, norms bf16
+    trainable    = 16 B × P_trainable                       fp32 weight 4 + grad 4 + AdamW m, v 8 (LoRA adapters;
+                                                            full FT: all P — the fp32 master copy on top of bf16)
+    activations  = b × s × h × L × k                        k = 90 B in bf16 with SDPA, k = 4 B with gradient
+                                                            checkpointing (bf16 layer inputs + one recomputed layer)
+                 + b × s × V × 10 B                         logits: bf16, the fp32 up-cast for the loss, its gradient
+    overhead     = 2 GiB                                    CUDA context, cuBLAS workspaces, allocator fragmentation
+
+Calibrated on DESIGN §9 (H200, LoRA r16, seq 2048, bf16, SDPA): DeepSeek-R1-Distill-Qwen-7B shape at b = 4
+gives 97.3 GiB (measured 97) and 31.5 GiB with gradient checkpointing (measured 30); the batch size of the
+Qwen2.5-0.5B measurement (59 GiB) is not recorded — the formula gives 29.4 GiB at b = 4 and 55.8 GiB at b = 8.
+It fits when the total is ≤ 95 % of the GPU memory; gradient checkpointing is recommended when only the
+checkpointed estimate fits.
+
+Time estimate = training tokens (real tokens, padding not counted; eval not counted) / tokens per second,
+where tokens/s on an H200 for LoRA follows the two measured points — Qwen2.5-0.5B shape 52k tokens/s,
+7B shape 9.9k tokens/s — as a power law in P between them (P^-0.606), as 1/P above 7.6B (compute-bound),
+capped at 250k tokens/s; × GPU factor (H200 1.0, H100 0.85, A100 0.35, RTX 4090 0.3, CPU 0.002 capped at
+20k tokens/s); × method factor (LoRA 1.0, QLoRA 0.6, full 0.7); × 0.71 with gradient checkpointing
+(7.0k / 9.9k measured).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import re
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from tools.finetune.data import PreparedData, read_prepared, render_dataset
+
+GIB = 2**30
+TOKEN_SAMPLE = 20_000            # rows tokenised exactly; larger data sets are sampled and scaled
+TOKENIZER_THREADS, TOKENIZER_CHUNK = 4, 1000
+K_ACT_BF16, K_ACT_CHECKPOINTED, K_LOGITS = 90, 4, 10
+OVERHEAD_GIB = 2.0
+NF4_BYTES = 0.5 + 0.127 / 8
+FIT_SHARE = 0.95
+# GPU kind → (throughput factor relative to H200, cap in tokens/s)
+GPU_KINDS = {"H200": (1.0, 250_000), "H100": (0.85, 220_000), "A100": (0.35, 120_000),
+             "4090": (0.3, 100_000), "CPU": (0.002, 20_000)}
+METHOD_SPEED = {"lora": 1.0, "qlora": 0.6, "full": 0.7}
+CHECKPOINTING_SPEED = 7.0 / 9.9
+P_SMALL, TPS_SMALL, P_7B, TPS_7B = 0.494e9, 52_000.0, 7.62e9, 9_900.0
+LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+NON_GATED = {"gpt2", "gpt_neox", "gptj", "opt", "bloom", "falcon", "phi", "starcoder2"}
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef]")
+
+
+def _cfg(config: dict, *names: str, default=None):
+    return next((config[n] for n in names if config.get(n) is not None), default)
+
+
+def linear_shapes(config: dict) -> dict[str, tuple[int, int, bool]]:
+    """One decoder layer's linear layers: name → (in, out, has bias), llama-style names."""
+    h = _cfg(config, "hidden_size", "n_embd", "d_model")
+    heads = _cfg(config, "num_attention_heads", "n_head")
+    kv = _cfg(config, "num_key_value_heads", default=heads)
+    hd = _cfg(config, "head_dim", default=h // heads)
+    inter = _cfg(config, "intermediate_size", "n_inner", default=4 * h)
+    qkv_bias = bool(config.get("attention_bias", config.get("model_type") in ("qwen2", "qwen2_moe")))
+    mlp_bias = bool(config.get("mlp_bias", False))
+    shapes = {"q_proj": (h, heads * hd, qkv_bias), "k_proj": (h, kv * hd, qkv_bias),
+              "v_proj": (h, kv * hd, qkv_bias), "o_proj": (heads * hd, h, bool(config.get("attention_bias"))),
+              "gate_proj": (h, inter, mlp_bias), "up_proj": (h, inter, mlp_bias), "down_proj": (inter, h, mlp_bias)}
+    if config.get("model_type") in NON_GATED:
+        del shapes["gate_proj"]
+    return shapes
+
+
+def count_params(config: dict, method: str, rank: int, targets: list[str] | None) -> dict:
+    """Total, linear (quantisable) and trainable parameters of a dense decoder from its config.json."""
+    config = config.get("text_config") or config
+    h, layers = _cfg(config, "hidden_size", "n_embd", "d_model"), _cfg(config, "num_hidden_layers", "n_layer")
+    vocab = config["vocab_size"]
+    shapes = linear_shapes(config)
+    linear = layers * sum(i * o for i, o, _ in shapes.values())
+    biases = layers * sum(o for _, o, b in shapes.values() if b)
+    tied = config.get("tie_word_embeddings", True)
+    total = vocab * h * (1 if tied else 2) + linear + biases + layers * 2 * h + h
+    wanted = [t.rsplit(".", 1)[-1] for t in targets] if targets else ["all-linear"]
+    chosen = list(shapes) if "all-linear" in wanted else [t for t in wanted if t in shapes]
+    unknown = [t for t in wanted if t != "all-linear" and t not in shapes]
+    lora = layers * sum(rank * (shapes[t][0] + shapes[t][1]) for t in chosen)
+    return {"total": total, "linear": linear, "trainable": total if method == "full" else lora,
+            "target_modules": chosen, "unknown_targets": unknown, "hidden": h, "layers": layers, "vocab": vocab}
+
+
+def estimate_vram(params: dict, method: str, batch: int, seq: int, *, checkpointing: bool) -> dict:
+    """The VRAM terms of the module docstring, in GiB."""
+    weights = (NF4_BYTES * params["linear"] + 2 * (params["total"] - params["linear"]) if method == "qlora"
+               else 2 * params["total"])
+    trainable = 16 * params["trainable"]
+    k = K_ACT_CHECKPOINTED if checkpointing else K_ACT_BF16
+    acts = batch * seq * params["hidden"] * params["layers"] * k + batch * seq * params["vocab"] * K_LOGITS
+    terms = {"weights_gb": weights / GIB, "trainable_states_gb": trainable / GIB, "activations_gb": acts / GIB,
+             "overhead_gb": OVERHEAD_GIB}
+    return {**{k: round(v, 3) for k, v in terms.items()}, "total_gb": round(sum(terms.values()), 2),
+            "gradient_checkpointing": checkpointing, "k_activation_bytes": k, "seq": seq, "batch": batch}
+
+
+def gpu_kind(gpu: dict | None) -> tuple[str, bool]:
+    """(table kind, known) for a GPU description; None means CPU."""
+    if gpu is None:
+        return "CPU", True
+    name = str(gpu.get("name", "")).upper()
+    kind = next((k for k in GPU_KINDS if k != "CPU" and k in name), None)
+    return (kind, True) if kind else ("A100", False)
+
+
+def tokens_per_second(total_params: int, method: str, gpu: dict | None, *, checkpointing: bool) -> float:
+    """Assumed training throughput (see the module docstring)."""
+    p = max(total_params, 1)
+    if p <= P_7B:
+        h200 = TPS_SMALL * (p / P_SMALL) ** (-math.log(TPS_SMALL / TPS_7B) / math.log(P_7B / P_SMALL))
+    else:
+        h200 = TPS_7B * P_7B / p
+    factor, cap = GPU_KINDS[gpu_kind(gpu)[0]]
+    tps = min(h200 * factor, cap) * METHOD_SPEED[method]
+    return tps * (CHECKPOINTING_SPEED if checkpointing else 1.0)
+
+
+def token_lengths(texts: list[str], tokenizer=None) -> tuple[list[int], str]:
+    """Token counts of ``texts`` with the tokenizer (fast path when it has one), else the CJK/Latin estimate."""
+    if tokenizer is None:
+        return [len(_CJK.findall(t)) + math.ceil(len(_CJK.sub("", t)) / 4) for t in texts], "estimate"
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]], "tokenizer"
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+
+    def count(chunk: list[str]) -> list[int]:
+        return [len(e) for e in encode(chunk, add_special_tokens=False)]
+
+    # The Rust encoder releases the GIL, and TOKENIZERS_PARALLELISM is off in tests and job subprocesses,
+    # so a few Python threads on separate chunks are what makes a 10k-row preflight take ~1 s, not ~2.
+    workers = min(TOKENIZER_THREADS, os.cpu_count() or 1)
+    if workers < 2 or len(texts) < 2 * TOKENIZER_CHUNK:
+        return count(texts), "tokenizer"
+    size = max(TOKENIZER_CHUNK, math.ceil(len(texts) / workers))
+    with ThreadPoolExecutor(workers) as pool:
+        parts = pool.map(count, [texts[i:i + size] for i in range(0, len(texts), size)])
+        return [n for part in parts for n in part], "tokenizer"
+
+
+def _load(spec, rows_or_path, tokenizer) -> PreparedData:
+    if isinstance(rows_or_path, PreparedData):
+        return rows_or_path
+    if isinstance(rows_or_path, Mapping):
+        return PreparedData(train=list(rows_or_path.get("train", [])), eval=list(rows_or_path.get("eval", [])),
+                            format=rows_or_path.get("format", "prepared"), container="memory", chat_template=False)
+    path = Path(rows_or_path)
+    return read_prepared(path) if path.is_dir() else render_dataset(spec, path, tokenizer)
+
+
+def _warn(out: list, level: str, code: str, message: str) -> None:
+    out.append({"level": level, "code": code, "message": message})
+
+
+def _length_stats(data: PreparedData, spec, tokenizer) -> dict:
+    rows = data.train + data.eval
+    picked = range(len(rows))
+    if len(rows) > TOKEN_SAMPLE:
+        picked = sorted(random.Random(spec.seed).sample(range(len(rows)), TOKEN_SAMPLE))
+    lengths, method = token_lengths([rows[i]["prompt"] + rows[i]["completion"] for i in picked], tokenizer)
+    ordered = sorted(lengths)
+    scale = len(rows) / max(len(lengths), 1)
+    train_clipped = [min(n, spec.max_seq_len) for i, n in zip(picked, lengths, strict=True) if i < len(data.train)]
+    per_train_row = sum(train_clipped) / max(len(train_clipped), 1)
+
+    def pct(q: float) -> int:
+        return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)] if ordered else 0
+
+    cut = round(sum(n > spec.max_seq_len for n in lengths) * scale)
+    return {"method": method, "sampled_rows": len(lengths) if scale > 1 else None,
+            "min": ordered[0] if ordered else 0, "median": pct(0.5), "p95": pct(0.95), "max": ordered[-1] if ordered
+            else 0, "mean": round(sum(lengths) / max(len(lengths), 1), 1), "rows_cut": cut,
+            "rows_cut_fraction": round(cut / max(len(rows), 1), 4),
+            "tokens_per_epoch": round(per_train_row * len(data.train))}
+
+
+def _schedule(spec, n_train: int, tokens_per_epoch: int) -> dict:
+    sequences = math.ceil(tokens_per_epoch / spec.max_seq_len) if spec.packing else n_train
+    steps_per_epoch = max(1, math.ceil(math.ceil(sequences / spec.batch_size) / spec.grad_accum))
+    total = spec.max_steps or max(1, math.ceil(spec.epochs * steps_per_epoch))
+    return {"epochs": spec.epochs, "max_steps": spec.max_steps, "batch_size": spec.batch_size,
+            "grad_accum": spec.grad_accum, "effective_batch": spec.batch_size * spec.grad_accum,
+            "packing": spec.packing, "steps_per_epoch": steps_per_epoch, "total_steps": total,
+            "total_tokens": round(tokens_per_epoch * total / steps_per_epoch)}
+
+
+def preflight(spec, rows_or_path, tokenizer, model_config: dict | None, gpu: dict | None) -> dict:
+    """Check a job before it is queued: numbers the user confirms against, and warnings.
+
+    ``rows_or_path``: a :class:`PreparedData`, a ``{"train": [...], "eval": [...]}`` mapping of rendered
+    rows, a prepared run ``data/`` directory, or the user's data file (read and rendered here).
+    ``model_config``: the base model's ``config.json`` as a dict (None: no parameter/VRAM/time estimate).
+    ``gpu``: ``{"name", "memory_gb"}`` or None for CPU. ``ok`` is False when an error-level warning is present.
+    """
+    data = _load(spec, rows_or_path, tokenizer)
+    warnings: list[dict] = []
+    n_train, n_eval = len(data.train), len(data.eval)
+    lengths = _length_stats(data, spec, tokenizer)
+    schedule = _schedule(spec, n_train, lengths["tokens_per_epoch"])
+    if n_train + n_eval < 50:
+        _warn(warnings, "warning", "tiny_dataset", f"Only {n_train + n_eval} rows: the model will barely change "
+                                                   "and may just memorise them; a few hundred rows or more is typical.")
+    if n_eval == 0:
+        _warn(warnings, "warning", "no_eval", "No rows are held out for evaluation (fewer than 10 rows or "
+                                              "eval_fraction 0): there will be no eval loss and no before/after check.")
+    if spec.method == "full" and spec.learning_rate > 5e-5:
+        _warn(warnings, "warning", "high_lr", f"learning_rate {spec.learning_rate:g} is high for full fine-tuning "
+                                              "(1e-5 to 5e-5 is usual); it can wreck the base model.")
+    if spec.method != "full" and spec.learning_rate > 1e-3:
+        _warn(warnings, "warning", "high_lr", f"learning_rate {spec.learning_rate:g} is high for LoRA "
+                                              "(1e-4 to 3e-4 is usual); the loss may diverge.")
+    if lengths["rows_cut_fraction"] > 0.05:
+        _warn(warnings, "warning", "rows_cut", f"{lengths['rows_cut']:,} rows ({lengths['rows_cut_fraction']:.0%}) "
+                                               f"are longer than max_seq_len {spec.max_seq_len} and will be cut "
+                                               f"(p95 length {lengths['p95']}); raise max_seq_len or drop long rows.")
+    if spec.method == "qlora" and gpu is None:
+        _warn(warnings, "error", "qlora_needs_gpu", "QLoRA needs a CUDA GPU (bitsandbytes 4-bit kernels); "
+                                                    "use method 'lora' on CPU.")
+    result = {"rows": {"train": n_train, "eval": n_eval, "total": n_train + n_eval}, "format": data.format,
+              "container": data.container, "tokens": lengths, "max_seq_len": spec.max_seq_len,
+              "rows_cut": lengths["rows_cut"], "training": schedule, "params": None, "vram": None,
+              "time": None, "gpu": gpu, "fits": None, "gradient_checkpointing": False, "warnings": warnings}
+    if model_config:
+        _model_checks(result, spec, model_config, gpu, lengths, schedule, warnings)
+    result["ok"] = not any(w["level"] == "error" for w in warnings)
+    return result
+
+
+def _model_checks(result: dict, spec, config: dict, gpu: dict | None, lengths: dict, schedule: dict,
+                  warnings: list) -> None:
+    params = count_params(config, spec.method, spec.lora_rank, spec.target_modules)
+    if params["unknown_targets"]:
+        names, known = ", ".join(params["unknown_targets"]), ", ".join(LINEAR_MODULES)
+        _warn(warnings, "warning", "unknown_targets",
+              f"target_modules {names} are not linear layers of this model ({known}); they add no parameters here.")
+    max_pos = _cfg(config.get("text_config") or config, "max_position_embeddings", "n_positions")
+    if max_pos and spec.max_seq_len > max_pos:
+        _warn(warnings, "warning", "seq_beyond_model", f"max_seq_len {spec.max_seq_len} is beyond the model's "
+                                                       f"max_position_embeddings {max_pos}.")
+    seq = spec.max_seq_len if spec.packing else max(1, min(spec.max_seq_len, lengths["max"]))
+    plain = estimate_vram(params, spec.method, spec.batch_size, seq, checkpointing=False)
+    checkpointed = estimate_vram(params, spec.method, spec.batch_size, seq, checkpointing=True)
+    vram, fits = plain, None
+    if gpu is not None:
+        budget = float(gpu.get("memory_gb") or 0) * FIT_SHARE
+        fits = plain["total_gb"] <= budget or checkpointed["total_gb"] <= budget
+        if plain["total_gb"] > budget and fits:
+            vram = checkpointed
+        if not fits:
+            _warn(warnings, "error", "no_fit", f"The job needs about {checkpointed['total_gb']:.0f} GiB even with "
+                                               f"gradient checkpointing; {gpu.get('name', 'the GPU')} has "
+                                               f"{gpu.get('memory_gb')} GiB. Use QLoRA, a smaller batch_size or a "
+                                               "shorter max_seq_len.")
+    tps = tokens_per_second(params["total"], spec.method, gpu, checkpointing=vram["gradient_checkpointing"])
+    kind, known = gpu_kind(gpu)
+    seconds = schedule["total_tokens"] / tps
+    result.update(params={k: params[k] for k in ("total", "trainable", "linear", "target_modules")} |
+                  {"trainable_fraction": round(params["trainable"] / params["total"], 6), "method": spec.method},
+                  vram=vram | {"without_checkpointing_gb": plain["total_gb"],
+                               "with_checkpointing_gb": checkpointed["total_gb"]},
+                  fits=fits, gradient_checkpointing=vram["gradient_checkpointing"],
+                  time={"tokens_per_s": round(tps), "seconds": round(seconds), "gpu_kind": kind,
+                        "basis": f"DESIGN §9 H200 LoRA baseline scaled by parameter count, × {kind} factor"
+                                 + ("" if known else " (unknown GPU, assumed A100-class)")})
+    if gpu is None and seconds > 3600:
+        _warn(warnings, "warning", "slow_on_cpu", f"On CPU this takes about {seconds / 3600:,.0f} h; use a GPU.")

@@ -1,0 +1,258 @@
+"""The training entry point: ``python -m tools.finetune.train RUN [--resume]``.
+
+Reads ``RUN/spec.json`` and ``RUN/data/*.jsonl`` (see ``ft_contract.md``), fine-tunes the base
+model with trl's ``SFTTrainer`` (LoRA, QLoRA or full; loss on the completion only), and writes
+``progress.jsonl``, checkpoints, the adapter (or model), the merged model, ``comparison.json``
+and ``summary.json`` into ``RUN``. Exit codes: 0 succeeded, 1 failed (one-line message in
+``summary.json`` and on stderr; a traceback only in ``RUN/train.log`` and only for bugs),
+3 cancelled by SIGTERM/SIGINT after saving a checkpoint; ``--resume`` continues from the latest one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tools.finetune.train_config import apply_schedule, lora_config, sft_config
+from tools.finetune.train_progress import CancelFlag, ProgressCallback, gpu_mem_gb, run_logging
+from tools.finetune.train_report import (
+    comparison_rows,
+    count_params,
+    generate,
+    previous_train_seconds,
+    save_adapter,
+    save_merged,
+    summary,
+    write_comparison,
+    write_json,
+)
+from tools.finetune.train_setup import RunPaths, TrainError, check_method, detect_device, load_job, load_model
+
+log = logging.getLogger("stackwise.finetune")
+EXIT_OK, EXIT_FAILED, EXIT_CANCELLED = 0, 1, 3
+OOM_HINT = "try method 'qlora', a smaller batch_size or max_seq_len, or gradient checkpointing"
+
+
+@dataclass
+class Outcome:
+    """What :func:`run` did: the exit code, the summary written, and (on success) the trained model —
+    the PEFT model for LoRA/QLoRA, the merged model when a LoRA run merged in place, the model for full."""
+
+    code: int
+    summary: dict[str, Any]
+    model: Any = None
+    tokenizer: Any = None
+
+
+class _Cancelled(Exception):
+    """Raised between phases when a cancellation arrived outside the training loop."""
+
+
+class _Facts:
+    """What is known so far about the run, for whichever summary ends it."""
+
+    def __init__(self) -> None:
+        self.fields: dict[str, Any] = {}
+        self.trainer = None
+        self.progress: ProgressCallback | None = None
+        self.earlier_seconds = 0.0
+
+    def collect(self) -> dict[str, Any]:
+        """Summary fields from the trainer state (which survives ``--resume``) and the callback."""
+        fields = dict(self.fields)
+        if self.trainer is not None:
+            state = self.trainer.state
+            fields["steps"] = state.global_step
+            fields["total_steps"] = state.max_steps or fields.get("total_steps")
+            losses = [e["loss"] for e in state.log_history if "loss" in e]
+            evals = [e["eval_loss"] for e in state.log_history if "eval_loss" in e]
+            fields["final_loss"] = round(float(losses[-1]), 6) if losses else None
+            fields["eval_loss"] = round(float(evals[-1]), 6) if evals else None
+        if self.progress is not None and self.progress.train_seconds:
+            fields["train_seconds"] = round(self.earlier_seconds + self.progress.train_seconds, 2)
+            fields["tokens_per_s"] = self.progress.tokens_per_s
+        if "torch" in sys.modules:
+            fields["peak_gpu_mem_gb"] = gpu_mem_gb()
+        return fields
+
+
+def _is_oom(exc: BaseException) -> bool:
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError | MemoryError) and ("out of memory" in text or "can't allocate" in text)
+
+
+def _fresh_start(paths: RunPaths) -> None:
+    """A run that is not resumed starts clean: no stale progress, checkpoints or artifacts."""
+    for path in (paths.progress, paths.comparison, paths.summary):
+        path.unlink(missing_ok=True)
+    for folder in (paths.checkpoints, paths.adapter, paths.merged):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _latest_checkpoint(paths: RunPaths) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(paths.checkpoints)) if paths.checkpoints.is_dir() else None
+
+
+def _check_cancel(cancel: CancelFlag) -> None:
+    if cancel.is_set:
+        raise _Cancelled
+
+
+def _train(paths: RunPaths, resume: bool, cancel: CancelFlag, facts: _Facts) -> Outcome:
+    job = load_job(paths)
+    spec = job.spec
+    device = detect_device()
+    check_method(spec, device)
+    checkpoint = _latest_checkpoint(paths) if resume else None
+    if resume and checkpoint is None:
+        log.info("no checkpoint to resume from in %s: starting from the beginning", paths.checkpoints)
+    if checkpoint is None:
+        _fresh_start(paths)
+    else:
+        facts.earlier_seconds = previous_train_seconds(paths.summary)
+        log.info("resuming from %s", checkpoint)
+    _check_cancel(cancel)
+
+    log.info("loading %s (%s, %s)", job.base_model_path, spec.method,
+             "bf16" if device.bf16 else "fp16 mixed" if device.fp16 else "fp32 on CPU")
+    model, tokenizer = load_model(job, device)
+    _check_cancel(cancel)
+
+    from datasets import Dataset
+    from transformers import PrinterCallback
+    from trl import SFTTrainer
+
+    def dataset(rows):
+        return Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+
+    shown = comparison_rows(job.eval_rows, job.train_rows)
+    before = None
+    if spec.method == "full":  # no adapter to switch off afterwards: answer with the base weights now
+        before = generate(model, tokenizer, [r["prompt"] for r in shown])
+
+    progress = ProgressCallback(paths.progress, cancel)
+    trainer = SFTTrainer(
+        model=model,
+        args=sft_config(job, device, paths.checkpoints, has_eval=bool(job.eval_rows)),
+        train_dataset=dataset(job.train_rows),
+        eval_dataset=dataset(job.eval_rows) if job.eval_rows else None,
+        processing_class=tokenizer,
+        peft_config=lora_config(spec),
+        callbacks=[progress],
+    )
+    trainer.remove_callback(PrinterCallback)  # progress.jsonl and train.log replace the printed dicts
+    facts.trainer, facts.progress = trainer, progress
+    if len(trainer.train_dataset) == 0:
+        raise TrainError(f"no training row has a completion token left within max_seq_len={spec.max_seq_len} "
+                         "— raise max_seq_len")
+    if trainer.eval_dataset is not None and len(trainer.eval_dataset) == 0:
+        log.info("no eval row fits in max_seq_len=%d: training without evaluation", spec.max_seq_len)
+        trainer.eval_dataset, trainer.args.eval_strategy = None, "no"
+    schedule = apply_schedule(trainer, job)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    trainable, total = count_params(model)
+    facts.fields.update(total_steps=schedule.total, trainable_params=trainable, total_params=total)
+    log.info("training %d steps on %d rows (%d held out); %d of %d parameters trainable; "
+             "log every %d, checkpoint every %d", schedule.total, len(job.train_rows), len(job.eval_rows),
+             trainable, total, schedule.logging_steps, schedule.save_steps)
+
+    trainer.train(resume_from_checkpoint=checkpoint)
+    if progress.cancelled:
+        raise _Cancelled
+    _check_cancel(cancel)
+
+    artifacts: dict[str, str | None] = {"adapter": str(paths.adapter), "merged": None,
+                                        "comparison": str(paths.comparison)}
+    save_adapter(model, tokenizer, paths.adapter)
+    _check_cancel(cancel)
+    prompts = [r["prompt"] for r in shown]
+    if before is None:
+        before = generate(model, tokenizer, prompts, adapter_off=True)
+    write_comparison(paths.comparison, shown, before, generate(model, tokenizer, prompts))
+    _check_cancel(cancel)
+    if spec.merge and spec.method == "full":
+        log.info("merge: full fine-tuning already saved the whole model in %s", paths.adapter)
+    elif spec.merge:
+        merged = save_merged(model, tokenizer, paths.merged, base_model_path=job.base_model_path,
+                             quantized=spec.method == "qlora", dtype=device.dtype)
+        if spec.method == "lora":  # merged in place: the trained weights now live in ``merged``
+            model = merged
+        artifacts["merged"] = str(paths.merged)
+    facts.fields["artifacts"] = artifacts
+    result = summary("succeeded", **facts.collect())
+    write_json(paths.summary, result)
+    log.info("succeeded: %d steps, final loss %s, eval loss %s, %s tokens/s", result["steps"],
+             result["final_loss"], result["eval_loss"], result["tokens_per_s"])
+    return Outcome(EXIT_OK, result, model=model, tokenizer=tokenizer)
+
+
+def _end(paths: RunPaths, status: str, code: int, facts: _Facts, error: str | None = None) -> Outcome:
+    result = summary(status, error=error, **facts.collect())
+    try:
+        write_json(paths.summary, result)
+    except OSError as exc:
+        log.error("cannot write %s: %s", paths.summary, exc)
+    return Outcome(code, result)
+
+
+def run(run_dir: str | Path, *, resume: bool = False, cancel: CancelFlag | None = None) -> Outcome:
+    """Train the job in ``run_dir``; never raises for a failed run (see :class:`Outcome`)."""
+    paths = RunPaths(Path(run_dir))
+    if not paths.root.is_dir():
+        print(f"train: run directory not found: {paths.root}", file=sys.stderr)
+        return Outcome(EXIT_FAILED, summary("failed", error=f"run directory not found: {paths.root}"))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    cancel = cancel or CancelFlag()
+    facts = _Facts()
+    with run_logging(paths.log):
+        try:
+            return _train(paths, resume, cancel, facts)
+        except KeyboardInterrupt:  # a second Ctrl-C: stop now, without a new checkpoint
+            log.info("interrupted; resume continues from the last saved checkpoint, if any")
+            return _end(paths, "cancelled", EXIT_CANCELLED, facts)
+        except _Cancelled:
+            checkpoint = _latest_checkpoint(paths)
+            log.info("cancelled (%s) at step %s; %s", cancel.signal_name or "request", facts.collect().get("steps"),
+                     f"resume from {checkpoint}" if checkpoint else "no checkpoint yet")
+            return _end(paths, "cancelled", EXIT_CANCELLED, facts)
+        except TrainError as exc:
+            log.error("failed: %s", exc)
+            return _end(paths, "failed", EXIT_FAILED, facts, str(exc))
+        except Exception as exc:  # the run must end with a summary, whatever happened
+            if _is_oom(exc):
+                message = f"out of memory: {' '.join(str(exc).split())[:300]} — {OOM_HINT}"
+                log.error("failed: %s", message)
+                return _end(paths, "failed", EXIT_FAILED, facts, message)
+            logging.getLogger("stackwise.traceback").error("unexpected error", exc_info=exc)
+            message = f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]} (see {paths.log})"
+            log.error("failed: %s", message)
+            return _end(paths, "failed", EXIT_FAILED, facts, message)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: ``python -m tools.finetune.train RUN [--resume]``."""
+    parser = argparse.ArgumentParser(prog="python -m tools.finetune.train", description=__doc__.splitlines()[0])
+    parser.add_argument("run", help="the job's run directory (holds spec.json and data/)")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    args = parser.parse_args(argv)
+    cancel = CancelFlag().install()
+    try:
+        return run(args.run, resume=args.resume, cancel=cancel).code
+    finally:
+        cancel.restore()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

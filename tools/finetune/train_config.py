@@ -1,0 +1,116 @@
+"""The trainer's configuration: LoRA settings, ``SFTConfig`` (trl 1.16 names) and the step schedule.
+
+The schedule (how often to log, evaluate and checkpoint) depends on the total number of optimizer
+steps, which is known only once trl has tokenized (and maybe packed) the data set, so
+:func:`apply_schedule` sets it on the built trainer, before ``train()``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from tools.finetune.spec import FinetuneSpec
+from tools.finetune.train_setup import Device, Job
+
+MAX_LOG_LINES = 50  # aim for about this many progress lines per run
+SAVE_FRACTION = 0.1  # checkpoint every ~10 % of the run ...
+SAVE_EVERY_MAX = 50  # ... and at least every 50 steps
+
+
+def lora_config(spec: FinetuneSpec):
+    """The PEFT LoRA config for ``lora`` / ``qlora``; ``None`` for full fine-tuning."""
+    if spec.method == "full":
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=spec.lora_rank,
+        lora_alpha=spec.lora_alpha,
+        lora_dropout=spec.lora_dropout,
+        target_modules=list(spec.target_modules) if spec.target_modules else "all-linear",
+        task_type="CAUSAL_LM",
+    )
+
+
+def _checkpointing_arg(config_cls, enabled: bool) -> dict[str, bool]:
+    """transformers >= 5.2x renamed ``gradient_checkpointing`` to ``activation_checkpointing``; use what exists."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
+
+
+def sft_config(job: Job, device: Device, output_dir: Path, *, has_eval: bool):
+    """The ``SFTConfig`` (trl 1.16 names); the step schedule is set later by :func:`apply_schedule`."""
+    from trl import SFTConfig
+
+    spec = job.spec
+    return SFTConfig(
+        output_dir=str(output_dir),
+        num_train_epochs=spec.epochs,
+        max_steps=spec.max_steps or -1,
+        learning_rate=spec.learning_rate,
+        per_device_train_batch_size=spec.batch_size,
+        per_device_eval_batch_size=spec.batch_size,
+        gradient_accumulation_steps=spec.grad_accum,
+        seed=spec.seed,
+        max_length=spec.max_seq_len,
+        packing=spec.packing,
+        completion_only_loss=True,
+        **_checkpointing_arg(SFTConfig, job.gradient_checkpointing),
+        bf16=device.bf16,
+        fp16=device.fp16,
+        use_cpu=not device.cuda,
+        logging_strategy="steps",
+        logging_steps=1,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=1,
+        save_total_limit=2,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=1 if has_eval else None,
+        prediction_loss_only=True,
+        include_num_input_tokens_seen="non_padding",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Total optimizer steps and how often to log, evaluate and checkpoint."""
+
+    total: int
+    logging_steps: int
+    save_steps: int
+    eval_steps: int
+
+
+def plan_schedule(train_len: int, *, batch_size: int, grad_accum: int, epochs: float,
+                  max_steps: int | None) -> Schedule:
+    """Mirror ``Trainer``'s step count (one process) and derive ~50 log lines and ~10 checkpoints."""
+    batches = max(math.ceil(train_len / batch_size), 1)
+    per_epoch = max(math.ceil(batches / grad_accum), 1)
+    total = max_steps if max_steps else max(math.ceil(epochs * per_epoch), 1)
+    logging_steps = max(math.ceil(total / MAX_LOG_LINES), 1)
+    save_steps = max(min(math.ceil(total * SAVE_FRACTION), SAVE_EVERY_MAX), 1)
+    eval_steps = logging_steps * max(round(save_steps / logging_steps), 1)
+    return Schedule(total=total, logging_steps=logging_steps, save_steps=save_steps, eval_steps=eval_steps)
+
+
+def apply_schedule(trainer, job: Job) -> Schedule:
+    """Size the schedule on the prepared (tokenized, maybe packed) data set and set it on the trainer."""
+    spec = job.spec
+    schedule = plan_schedule(
+        len(trainer.train_dataset), batch_size=spec.batch_size, grad_accum=spec.grad_accum,
+        epochs=spec.epochs, max_steps=spec.max_steps,
+    )
+    args = trainer.args
+    args.logging_steps = schedule.logging_steps
+    args.save_steps = schedule.save_steps
+    if args.eval_strategy != "no":
+        args.eval_steps = schedule.eval_steps
+    return schedule

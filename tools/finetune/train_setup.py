@@ -1,0 +1,244 @@
+"""Reading a run directory and building what the training entry point trains.
+
+Everything here follows ``ft_contract.md``: ``RUN/spec.json`` (a ``FinetuneSpec`` dump plus
+``base_model_path`` and ``job_id``), ``RUN/data/{train,eval}.jsonl`` (prepared prompt/completion
+rows). Problems a user can fix (a missing file, a bad spec, QLoRA without a GPU) raise
+:class:`TrainError` with a one-line message; heavy libraries are imported only when needed, so
+those checks fail fast, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from tools.finetune.spec import FinetuneSpec
+
+# Keys ``spec.json`` may hold besides the ``FinetuneSpec`` fields (see the contract).
+RUN_KEYS = ("base_model_path", "job_id", "gradient_checkpointing", "preflight")
+ROW_KEYS = ("prompt", "completion")
+
+
+class TrainError(Exception):
+    """An expected failure with a one-line message for the user (exit code 1, no traceback)."""
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """The files of one run directory."""
+
+    root: Path
+
+    @property
+    def spec(self) -> Path:
+        return self.root / "spec.json"
+
+    @property
+    def train_data(self) -> Path:
+        return self.root / "data" / "train.jsonl"
+
+    @property
+    def eval_data(self) -> Path:
+        return self.root / "data" / "eval.jsonl"
+
+    @property
+    def progress(self) -> Path:
+        return self.root / "progress.jsonl"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / "adapter"
+
+    @property
+    def merged(self) -> Path:
+        return self.root / "merged"
+
+    @property
+    def comparison(self) -> Path:
+        return self.root / "comparison.json"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "train.log"
+
+
+@dataclass
+class Job:
+    """A validated job: the spec, where the base model is, and the prepared rows."""
+
+    spec: FinetuneSpec
+    base_model_path: Path
+    job_id: str | None
+    gradient_checkpointing: bool
+    train_rows: list[dict[str, str]]
+    eval_rows: list[dict[str, str]] = field(default_factory=list)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def load_spec(paths: RunPaths) -> tuple[FinetuneSpec, dict[str, Any]]:
+    """Read and validate ``spec.json``; return the spec and the run-level extras."""
+    if not paths.spec.is_file():
+        raise TrainError(f"missing {paths.spec}")
+    try:
+        raw = json.loads(paths.spec.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TrainError(f"spec.json is not valid JSON: {_one_line(exc)}") from None
+    if not isinstance(raw, dict):
+        raise TrainError("spec.json must hold a JSON object")
+    extras = {k: raw.pop(k) for k in RUN_KEYS if k in raw}
+    try:
+        spec = FinetuneSpec(**raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'spec'}: {err['msg']}" for err in exc.errors()
+        )
+        raise TrainError(f"spec.json is invalid: {_one_line(problems)}") from None
+    return spec, extras
+
+
+def _base_model_path(extras: dict[str, Any]) -> Path:
+    value = extras.get("base_model_path")
+    if not isinstance(value, str) or not value.strip():
+        raise TrainError("spec.json has no base_model_path (a local model directory)")
+    path = Path(value).expanduser()
+    if not (path / "config.json").is_file():
+        raise TrainError(f"base model not found: {path} has no config.json")
+    return path
+
+
+def _wants_checkpointing(extras: dict[str, Any]) -> bool:
+    if extras.get("gradient_checkpointing") is True:
+        return True
+    preflight = extras.get("preflight")
+    return isinstance(preflight, dict) and preflight.get("gradient_checkpointing") is True
+
+
+def read_rows(path: Path, *, required: bool) -> list[dict[str, str]]:
+    """Read prepared JSONL rows (``prompt``, ``completion``, optional ``question``/``reference``)."""
+    if not path.is_file():
+        if required:
+            raise TrainError(f"missing prepared data {path}")
+        return []
+    rows: list[dict[str, str]] = []
+    with path.open(encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise TrainError(f"{path.name} line {number} is not valid JSON: {_one_line(exc)}") from None
+            if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ROW_KEYS):
+                raise TrainError(f"{path.name} line {number} needs string fields 'prompt' and 'completion'")
+            if not row["completion"].strip():
+                raise TrainError(f"{path.name} line {number} has an empty completion")
+            rows.append({
+                "prompt": row["prompt"],
+                "completion": row["completion"],
+                "question": str(row.get("question") or row["prompt"]),
+                "reference": str(row.get("reference") or ""),
+            })
+    if required and not rows:
+        raise TrainError(f"{path} has no rows")
+    return rows
+
+
+def load_job(paths: RunPaths) -> Job:
+    """Validate the run directory and read the spec and the prepared data (no model is loaded)."""
+    if not paths.root.is_dir():
+        raise TrainError(f"run directory not found: {paths.root}")
+    spec, extras = load_spec(paths)
+    base = _base_model_path(extras)
+    job_id = extras.get("job_id")
+    return Job(
+        spec=spec,
+        base_model_path=base,
+        job_id=str(job_id) if job_id is not None else None,
+        gradient_checkpointing=_wants_checkpointing(extras),
+        train_rows=read_rows(paths.train_data, required=True),
+        eval_rows=read_rows(paths.eval_data, required=False),
+    )
+
+
+@dataclass(frozen=True)
+class Device:
+    """Where training runs and in which precision."""
+
+    cuda: bool
+    bf16: bool
+
+    @property
+    def fp16(self) -> bool:
+        """Mixed fp16 on a CUDA GPU without bf16 (fp32 master weights)."""
+        return self.cuda and not self.bf16
+
+    @property
+    def dtype(self):
+        import torch
+
+        return torch.bfloat16 if self.bf16 else torch.float32
+
+
+def detect_device() -> Device:
+    """CUDA with bf16 when available, else fp32 (CPU, or fp16 mixed precision on older GPUs)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return Device(cuda=cuda, bf16=bool(cuda and torch.cuda.is_bf16_supported()))
+
+
+def check_method(spec: FinetuneSpec, device: Device) -> None:
+    """QLoRA needs a CUDA GPU and bitsandbytes; fail before loading anything when either is missing."""
+    if spec.method != "qlora":
+        return
+    if not device.cuda:
+        raise TrainError("QLoRA needs a CUDA GPU (bitsandbytes 4-bit); none found — use method 'lora' or 'full'")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise TrainError("QLoRA needs the bitsandbytes package, which is not installed — install it or use 'lora'")
+
+
+def load_model(job: Job, device: Device):
+    """Load the tokenizer and the base model (SDPA attention; 4-bit NF4 for QLoRA)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"dtype": device.dtype, "attn_implementation": "sdpa"}
+    if job.spec.method == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16 if device.bf16 else torch.float16,
+        )
+        kwargs["dtype"] = torch.bfloat16 if device.bf16 else torch.float16
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(job.base_model_path)
+        model = AutoModelForCausalLM.from_pretrained(job.base_model_path, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise TrainError(f"cannot load the base model from {job.base_model_path}: {_one_line(exc)}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if job.spec.method == "full":
+        model.requires_grad_(True)
+    if device.cuda and job.spec.method != "qlora":
+        model.to("cuda")  # the trainer would move it anyway; the "before" answers of a full run need it there now
+    return model, tokenizer
