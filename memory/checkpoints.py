@@ -9,8 +9,6 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from langgraph.checkpoint.sqlite import SqliteSaver
-
 LOCK_TIMEOUT_S = 5.0
 
 
@@ -29,8 +27,13 @@ def describe_sqlite_error(path: Path, exc: sqlite3.Error) -> str:
     return f"The thread database {path} cannot be used: {text}"
 
 
-def open_checkpointer(path: Path) -> SqliteSaver:
-    """A ready SqliteSaver on ``path`` (created if missing), after an integrity check."""
+def open_checkpointer(path: Path):
+    """A ready SqliteSaver on ``path`` (created if missing), after an integrity check.
+
+    LangGraph is imported here, not at module level: the job store and a GPU worker use this
+    module's errors without needing LangGraph installed."""
+    from langgraph.checkpoint.sqlite import SqliteSaver
+
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         conn = sqlite3.connect(str(path), check_same_thread=False, timeout=LOCK_TIMEOUT_S, isolation_level=None)

@@ -11,6 +11,7 @@ and ``summary.json`` into ``RUN``. Exit codes: 0 succeeded, 1 failed (one-line m
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -135,7 +136,15 @@ def _train(paths: RunPaths, resume: bool, cancel: CancelFlag, facts: _Facts) -> 
     from trl import SFTTrainer
 
     def dataset(rows):
-        return Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+        # An explicit fingerprint (a hash of the rows): datasets would otherwise pickle the whole Arrow
+        # table to make one, which fails with some dill/pyarrow/Python combinations (seen on Python 3.12).
+        import hashlib
+
+        import pyarrow as pa
+
+        pairs = [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]
+        digest = hashlib.sha256(json.dumps(pairs, ensure_ascii=False).encode()).hexdigest()[:32]
+        return Dataset(pa.Table.from_pylist(pairs), fingerprint=digest)
 
     shown = comparison_rows(job.eval_rows, job.train_rows)
     before = None
