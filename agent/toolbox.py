@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.settings import Settings
 from tools.base import ToolContext
 from tools.registry import ToolRegistry, call_record
+
+if TYPE_CHECKING:
+    from agent.jobs import JobsService
 
 
 def embedder_factory(name: str | None = None) -> Any:
@@ -28,6 +31,7 @@ class Toolbox:
         self.registry = registry or ToolRegistry.default()
         self._knowledge = None
         self._knowledge_lock = threading.Lock()
+        self._jobs = None
 
     def knowledge(self) -> Any:
         """The knowledge base (opened on first use; cards are indexed on first search)."""
@@ -49,10 +53,21 @@ class Toolbox:
         ctx = self.context(user_id or "local")
         return ingest_paths(paths, ctx, shared=user_id is None, progress=progress)
 
+    def jobs(self) -> JobsService:
+        """Fine-tune jobs: list, show, logs, cancel, resume, and the worker (the store opens on first use)."""
+        if self._jobs is None:
+            from agent.jobs import JobsService
+
+            self._jobs = JobsService(self.settings)
+        return self._jobs
+
     def close(self) -> None:
         if self._knowledge is not None:
             self._knowledge.close()
             self._knowledge = None
+        if self._jobs is not None:
+            self._jobs.close()
+            self._jobs = None
 
     def context_for_turn(self, state: dict) -> ToolContext:
         """The graph's tool context: this turn's user and language."""

@@ -19,7 +19,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
 
 LATER = {
-    "jobs": "the fine-tune launcher issue", "worker": "the fine-tune launcher issue",
     "telegram": "the chat-channels issue",
     "slack": "the chat-channels issue", "memory": "the memory issue",
 }
@@ -76,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     from bots.kb_commands import add_kb_parser
 
     add_kb_parser(sub)
+    from bots.jobs_commands import add_jobs_parsers
+
+    add_jobs_parsers(sub)
     serve = sub.add_parser("serve", help="HTTP API: OpenAI-compatible /v1/chat/completions and native routes")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (not loopback: STACKWISE_API_TOKENS required)")
     serve.add_argument("--port", type=int, default=8000)

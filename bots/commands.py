@@ -107,6 +107,18 @@ def cmd_kb(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from bots.jobs_commands import cmd_jobs as run
+
+    return run(args)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from bots.jobs_commands import cmd_worker as run
+
+    return run(args)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from bots.http import serve
 

@@ -79,3 +79,32 @@ def seed_home(kb_seed, stackwise_home) -> Path:
 
     shutil.copytree(kb_seed, stackwise_home, dirs_exist_ok=True)
     return stackwise_home
+
+
+@pytest.fixture(scope="session")
+def ft_assets(tmp_path_factory) -> Path:
+    """A tiny Qwen2-architecture model saved as ``Qwen2.5-0.5B/`` and chain-of-thought data sets under
+    the names the conversation tests use (built once per session; ``ft_workdir`` copies them)."""
+    import pandas as pd
+
+    from tools.finetune.tiny import build_tiny_model
+
+    folder = tmp_path_factory.mktemp("ft-assets")
+    build_tiny_model(folder / "Qwen2.5-0.5B", arch="qwen2")
+    rows = (ROOT / "tests" / "fixtures" / "finetune" / "medical_cot.jsonl").read_text(encoding="utf-8")
+    for name in ("data.jsonl", "medical_cot.jsonl", "med.jsonl", "cot.jsonl"):
+        (folder / name).write_text(rows, encoding="utf-8")
+    pd.read_json(folder / "data.jsonl", lines=True).to_parquet(folder / "train.parquet")
+    return folder
+
+
+@pytest.fixture
+def ft_workdir(ft_assets, tmp_path, monkeypatch) -> Path:
+    """Run the test from a folder holding a local model and data sets, so fine-tune requests in the
+    conversation ("fine-tune Qwen2.5-0.5B on data.jsonl") pass their preflight and ask for confirmation."""
+    import shutil
+
+    work = tmp_path / "work"
+    shutil.copytree(ft_assets, work)
+    monkeypatch.chdir(work)
+    return work

@@ -18,6 +18,9 @@ from agent import Reply
 from bots.cli import main
 from memory.checkpoints import open_checkpointer
 
+# Fine-tune requests in these conversations name a local model and data set (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("ft_workdir")
+
 RECORD_KEYS = {"tool", "args", "ok", "result", "error"}
 
 

@@ -7,6 +7,9 @@ import pytest
 from agent import Agent, Settings
 from agent.brains.local import _bare_value
 
+# Fine-tune requests in these conversations name a local model and data set (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("ft_workdir")
+
 
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory):

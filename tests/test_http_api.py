@@ -250,15 +250,25 @@ def test_confirmation_through_resume(api):
 
 
 def test_jobs_routes_map_tool_records_to_statuses(api):
-    latest = api.alice.get("/v1/jobs")
-    assert latest.status_code == 501
-    assert latest.json()["tool"] == "finetune_status" and latest.json()["error"]["type"] == "not_available"
-    one = api.alice.get("/v1/jobs/ft-3")
-    assert one.status_code == 501 and one.json()["args"] == {"job_id": "ft-3"}
+    from memory.jobs import JobStore
+
+    nothing = api.alice.get("/v1/jobs")
+    assert nothing.status_code == 404 and nothing.json()["tool"] == "finetune_status"
+    run_dir = api.home / "jobs" / "alice" / "manual"
+    run_dir.mkdir(parents=True)
+    with JobStore.for_home(api.home) as store:
+        job = store.create("alice", {"base_model": "tiny", "dataset": "d.jsonl", "method": "lora"}, {}, run_dir)
+    one = api.alice.get(f"/v1/jobs/{job.id}")
+    assert one.status_code == 200 and one.json()["result"]["status"] == "queued"
+    assert api.alice.get("/v1/jobs").json()["args"] == {}
+    assert api.bob.get(f"/v1/jobs/{job.id}").status_code == 404          # another user's job: not found
+    assert api.bob.post(f"/v1/jobs/{job.id}/cancel").status_code == 404
     bad = api.alice.get("/v1/jobs/not-a-job")
     assert bad.status_code == 422 and bad.json()["error"]["type"] == "invalid_args"
-    cancel = api.alice.post("/v1/jobs/ft-3/cancel")
-    assert cancel.status_code == 501 and cancel.json()["tool"] == "cancel_finetune"
+    cancel = api.alice.post(f"/v1/jobs/{job.id}/cancel")
+    assert cancel.status_code == 200 and cancel.json()["result"]["status"] == "cancelled"
+    again = api.alice.post(f"/v1/jobs/{job.id}/cancel")
+    assert again.status_code == 409 or again.json()["error"]["type"] == "invalid_state"
 
 
 def test_uploads(api):

@@ -253,17 +253,17 @@ def test_embedding_distance_rejects_unknown_args_and_metrics(ctx):
     assert "metrics" in msg
 
 
-# --- declared, not yet implemented ------------------------------------------------------------------
+# --- the fine-tune tools answer about what is missing, and queue nothing --------------------------
 
-@pytest.mark.parametrize(("name", "args"), [
-    ("launch_finetune", {"base_model": "Qwen/Qwen2.5-0.5B", "dataset": "data.jsonl"}),
-    ("finetune_status", {"job_id": "ft-1"}),
-    ("cancel_finetune", {"job_id": "ft-1"}),
+@pytest.mark.parametrize(("name", "args", "kind"), [
+    ("launch_finetune", {"base_model": "Qwen/Qwen2.5-0.5B", "dataset": "no-such-data.jsonl"}, "not_found"),
+    ("finetune_status", {"job_id": "ft-1"}, "not_found"),
+    ("cancel_finetune", {"job_id": "ft-1"}, "not_found"),
 ])
-def test_not_yet_implemented_tools_say_not_available(agent, name, args):
-    record = agent.call_tool(name, args)
-    message = assert_failed(record, "not_available")
-    assert name in message
+def test_fine_tune_tools_say_what_is_missing(agent, name, args, kind):
+    message = assert_failed(agent.call_tool(name, args), kind)
+    assert "no-such-data.jsonl" in message or "ft-1" in message
+    assert agent.toolbox.jobs().list("local") == []
 
 
 def test_fine_tune_args_are_checked_before_anything_else(agent):

@@ -18,6 +18,9 @@ from agent import InputError
 from agent.reply import Reply
 from bots.repl import run_repl
 
+# Fine-tune requests in these conversations name a local model and data set (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("ft_workdir")
+
 PROMPT = "you › "
 START_TIMEOUT = 120  # the first start loads the router's embedder
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")

@@ -1,0 +1,181 @@
+"""``JobsService``: the one place channels (the CLI, later the bots) list, show, cancel and resume fine-tune
+jobs, read their logs, and run a worker. Every call checks the owner; ``admin=True`` is the operator's view.
+
+Store errors become :class:`JobsError` with a ``type`` a channel maps to its own error shape:
+``not_found`` (no such job — or someone else's, which reads the same), ``invalid_state`` (nothing to cancel,
+nothing to resume), ``invalid_args``, ``settings`` (an unknown backend, ray missing), ``store`` (a damaged or
+locked database).
+
+Example:
+    >>> import tempfile; from agent.settings import Settings
+    >>> service = JobsService(Settings.from_env({"STACKWISE_HOME": tempfile.mkdtemp()}))
+    >>> service.list("alice")
+    []
+    >>> service.close()
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from agent.settings import Settings
+from memory.jobs import Job, JobNotFound, JobStateError, JobStore, StoreError
+from memory.jobs_model import iso
+from tools.finetune.backends import BackendError, LocalBackend, RayBackend, latest_checkpoint, make_backend, run_logs
+from tools.finetune.worker import Worker, last_progress
+
+BACKEND_ENV, RAY_ADDRESS_ENV = "STACKWISE_JOB_BACKEND", "STACKWISE_RAY_ADDRESS"
+MAX_TAIL = 10_000
+
+
+class JobsError(Exception):
+    """A jobs request that cannot be done: ``type`` for programs, ``message`` for people."""
+
+    def __init__(self, type: str, message: str):  # noqa: A002
+        super().__init__(message)
+        self.type = type
+        self.message = message
+
+
+class JobsService:
+    """Fine-tune jobs for channels, on ``settings.home``'s job store (opened on first use)."""
+
+    def __init__(self, settings: Settings, *, store: JobStore | None = None):
+        self.settings = settings
+        self._store = store
+        self._own_store = store is None
+        self._lock = threading.Lock()
+
+    @property
+    def store(self) -> JobStore:
+        if self._store is None:
+            with self._lock:
+                if self._store is None:
+                    self._store = _call(JobStore.for_home, self.settings.home)
+        return self._store
+
+    def close(self) -> None:
+        if self._store is not None and self._own_store:
+            self._store.close()
+            self._store = None
+
+    # --- reading -------------------------------------------------------------------------------------
+
+    def list(self, user: str, admin: bool = False, *, status: str | None = None,
+             limit: int = 50) -> builtins.list[dict[str, Any]]:
+        """``user``'s jobs, newest first (everyone's with ``admin``), as short rows (see :func:`job_row`)."""
+        jobs = _call(self.store.list, None if admin else user, status, limit)
+        return [job_row(job) for job in jobs]
+
+    def show(self, job_id: str, user: str, admin: bool = False) -> dict[str, Any]:
+        """The whole job (``Job.to_dict``: spec, preflight, history, artifacts, summary) with its latest progress
+        read from the run directory while it runs, and ``latest_checkpoint``."""
+        job = self._get(job_id, user, admin)
+        shown = job.to_dict()
+        if job.is_active:
+            shown["progress"] = last_progress(job.run_dir) or shown["progress"]
+        checkpoint = latest_checkpoint(job.run_dir)
+        shown["latest_checkpoint"] = str(checkpoint) if checkpoint else None
+        return shown
+
+    def logs(self, job_id: str, user: str, tail: int = 50, admin: bool = False) -> dict[str, Any]:
+        """The last ``tail`` lines of the run's ``train.log`` and ``worker.log`` (Ray's log for a Ray job)."""
+        if not 1 <= tail <= MAX_TAIL:
+            raise JobsError("invalid_args", f"tail must be between 1 and {MAX_TAIL}, not {tail}")
+        job = self._get(job_id, user, admin)
+        text, source = run_logs(job.run_dir, tail), "run_dir"
+        if not text and job.backend == "ray":
+            try:
+                text, source = self._ray().logs(job, tail), "ray"
+            except (BackendError, JobsError) as exc:
+                text = f"(no logs in {job.run_dir}, and Ray's are not available: {exc})"
+        return {"id": job.id, "status": job.status, "source": source, "tail": tail, "text": text}
+
+    # --- the owner's actions -------------------------------------------------------------------------
+
+    def cancel(self, job_id: str, user: str, admin: bool = False) -> dict[str, Any]:
+        """Cancel: a queued job at once, a running one once its worker has stopped it (``cancelling`` meanwhile)."""
+        job = _call(self.store.request_cancel, job_id, None if admin else user, admin=admin)
+        return job_row(job)
+
+    def resume(self, job_id: str, user: str, admin: bool = False) -> dict[str, Any]:
+        """Queue a failed, cancelled or interrupted job again; it continues from its last checkpoint."""
+        job = _call(self.store.resume, job_id, None if admin else user, admin=admin)
+        return job_row(job)
+
+    # --- the worker ----------------------------------------------------------------------------------
+
+    def backend(self) -> LocalBackend | RayBackend:
+        """The backend the settings name (``STACKWISE_JOB_BACKEND``: local by default, or ray)."""
+        name, address = _backend_settings(self.settings)
+        try:
+            return make_backend(name, ray_address=address)
+        except BackendError as exc:
+            raise JobsError("settings", str(exc)) from None
+
+    def worker(self, on_finished: Callable[[Job], None] | None = None, **options: Any) -> Worker:
+        """A worker on this store and the configured backend, for a channel that runs it in a thread of its own
+        (and stops it with ``request_stop``). ``options`` go to :class:`~tools.finetune.worker.Worker`
+        (``poll_s``, ``heartbeat_s``, ``stale_s``, ``worker_id``…)."""
+        return Worker(self.settings.home, backend=self.backend(), store=self.store, on_finished=on_finished,
+                      **options)
+
+    def run_worker(self, drain: bool = False, on_finished: Callable[[Job], None] | None = None, **options: Any) -> int:
+        """Run a worker in this process until the queue is empty (``drain``) or SIGTERM/SIGINT; exit code 0."""
+        worker = self.worker(on_finished, **options)
+        try:
+            worker.run(drain)
+        except StoreError as exc:
+            raise JobsError("store", str(exc)) from None
+        return 0
+
+    # --- internals -----------------------------------------------------------------------------------
+
+    def _get(self, job_id: str, user: str, admin: bool) -> Job:
+        return _call(self.store.get, job_id, owner=None if admin else user, admin=admin)
+
+    def _ray(self) -> RayBackend:
+        _, address = _backend_settings(self.settings)
+        try:
+            return RayBackend(address)
+        except BackendError as exc:
+            raise JobsError("settings", str(exc)) from None
+
+
+def job_row(job: Job) -> dict[str, Any]:
+    """A job in one line's worth of fields: id, owner, status, model, method, data set, step/total, loss,
+    error, times (ISO text)."""
+    spec, progress = job.spec or {}, job.progress or {}
+    return {
+        "id": job.id, "owner": job.owner, "status": job.status, "base_model": spec.get("base_model"),
+        "method": spec.get("method"), "dataset": spec.get("dataset"), "step": progress.get("step"),
+        "total": progress.get("total"), "loss": progress.get("loss"), "eval_loss": progress.get("eval_loss"),
+        "eta_s": progress.get("eta_s"), "attempts": job.attempts, "backend": job.backend, "error": job.error,
+        "cancel_requested": job.cancel_requested, "created_at": iso(job.created_at),
+        "started_at": iso(job.started_at), "finished_at": iso(job.finished_at),
+    }
+
+
+def _backend_settings(settings: Settings) -> tuple[str, str | None]:
+    # Settings has no job fields yet: read them there when it does, from the environment until then.
+    name = getattr(settings, "job_backend", None) or os.environ.get(BACKEND_ENV) or "local"
+    address = getattr(settings, "ray_address", None) or os.environ.get(RAY_ADDRESS_ENV) or None
+    return name, address
+
+
+def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run a store call, turning its errors into :class:`JobsError`."""
+    try:
+        return fn(*args, **kwargs)
+    except JobNotFound as exc:
+        raise JobsError("not_found", str(exc)) from None
+    except JobStateError as exc:
+        raise JobsError("invalid_state", str(exc)) from None
+    except StoreError as exc:
+        raise JobsError("store", str(exc)) from None
+    except (ValueError, TypeError) as exc:
+        raise JobsError("invalid_args", str(exc)) from None

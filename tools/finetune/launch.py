@@ -1,0 +1,330 @@
+"""``launch_finetune``'s work: find the base model offline, check the job (the preflight the user confirms
+against), and queue it with a ready run directory.
+
+Base models, offline only:
+
+- a folder with ``config.json`` + tokenizer files + weights, inside the allowed roots (like data files);
+- a Hugging Face id (``Qwen/Qwen2.5-0.5B``) found in the local hub cache (a bare name such as
+  ``Qwen2.5-0.5B`` matches one cached ``models--*--Qwen2.5-0.5B``); ``ctx.extras["hf_cache_dir"]``
+  overrides the cache folder;
+- ``modelscope:org/name`` found in the ModelScope cache (``ctx.extras["modelscope_cache_dir"]``,
+  else ``$MODELSCOPE_CACHE``, else ``~/.cache/modelscope/hub``).
+
+The worker's GPU comes from ``ctx.extras["worker_gpu"]``: ``{"name", "memory_gb"}`` for a known GPU,
+``None`` for a known CPU-only worker; without the key the GPU is unknown — no fit verdict, QLoRA is not
+refused, and the time is estimated for the reference H200 (DESIGN §9).
+
+The checked job (rendered rows + preflight) is remembered for the last data set, so the run after "yes"
+neither reads the file nor renders it again unless the file, the model or the spec changed.
+
+``RUN`` is ``home/jobs/<user>/ft-N``. The store hands out N only when the record is created, and a record
+is claimable at once, so the run is written first — in a staging folder, renamed to the number the store
+will most likely give next (the newest job's + 1) — and the record created after: a worker never sees a
+half-written run. Should another process take that number meanwhile, the record's id wins and
+``spec.json`` is rewritten with it (the folder keeps the predicted name; the record's ``run_dir`` is right).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from tools.base import ToolContext, ToolError, safe_segment
+from tools.finetune.data import TOKENIZER_FILES, PreparedData, load_tokenizer, render_dataset
+from tools.finetune.preflight import preflight, tokens_per_second
+from tools.finetune.spec import FinetuneSpec
+from tools.finetune.status import open_jobs
+from tools.paths import resolve_user_path
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(?:/[A-Za-z0-9][\w.-]{0,95})?$")
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+REFERENCE_GPU = {"name": "H200", "memory_gb": 141}
+MEMO_MAX_ROWS = 200_000          # bigger data sets are rendered again after "yes" rather than kept in memory
+ORG_GUESSES = {"qwen": "Qwen", "deepseek": "deepseek-ai", "llama": "meta-llama", "meta-llama": "meta-llama",
+               "mistral": "mistralai", "gemma": "google", "phi": "microsoft", "smollm": "HuggingFaceTB"}
+NEXT = "the worker runs it: `stackwise worker`"
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """Where a base model was found: a local folder, and how it was named and looked up."""
+
+    path: Path
+    source: str          # "local", "huggingface" or "modelscope"
+    ref: str             # what the user asked for, or the full hub id it resolved to
+
+
+@dataclass
+class CheckedJob:
+    """Everything the preflight learned; the run reuses it."""
+
+    spec: FinetuneSpec
+    data_path: Path
+    model: ResolvedModel
+    data: PreparedData
+    report: dict
+
+
+# ---- base model ----------------------------------------------------------------------------------------
+
+def resolve_model(raw: str, ctx: ToolContext) -> ResolvedModel:
+    """The local folder of ``raw`` (a path, a hub id, or ``modelscope:org/name``); ``ToolError`` otherwise."""
+    raw = raw.strip()
+    if raw.lower().startswith("modelscope:"):
+        return _from_modelscope(raw.split(":", 1)[1].strip(), ctx)
+    if raw.startswith(("/", "~", ".")) or "\\" in raw or raw.count("/") > 1 or not HUB_ID.match(raw):
+        try:
+            return ResolvedModel(_model_folder(resolve_user_path(raw, ctx), raw), "local", raw)
+        except ToolError as e:
+            if e.type != "not_found":
+                raise
+            raise ToolError("model_not_found", f"I can't find the model folder {raw!r} in your uploads or the "
+                                               "working directory.") from None
+    try:
+        local = resolve_user_path(raw, ctx)
+    except ToolError as e:
+        if e.type != "not_found":
+            raise
+    else:
+        if local.is_dir():
+            return ResolvedModel(_model_folder(local, raw), "local", raw)
+    return _from_hf_cache(raw, ctx)
+
+
+def _from_hf_cache(name: str, ctx: ToolContext) -> ResolvedModel:
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    cache = Path(ctx.extras.get("hf_cache_dir") or constants.HF_HUB_CACHE).expanduser()
+    repo_id = name if "/" in name else _cached_repo_named(cache, name)
+    if repo_id is not None:
+        try:
+            folder = Path(snapshot_download(repo_id, local_files_only=True, cache_dir=str(cache)))
+        except (LocalEntryNotFoundError, HFValidationError, OSError):
+            pass
+        else:
+            return ResolvedModel(_model_folder(folder, repo_id), "huggingface", repo_id)
+    full = repo_id or _guess_id(name)
+    what = f"{name!r}" if full == name else f"{name!r} (as {full})"
+    raise ToolError("model_not_found", f"The base model {what} is not available offline: it is not a folder in "
+                                       f"your uploads or the working directory, and not in the Hugging Face "
+                                       f"cache ({cache}). On a machine "
+                                       f"with internet run `huggingface-cli download {full}` and copy the cache "
+                                       "folder here, or give a local folder with config.json, tokenizer files "
+                                       "and weights.")
+
+
+def _cached_repo_named(cache: Path, name: str) -> str | None:
+    """``org/name`` of the one cached hub model called ``name`` (any organisation, any case), or None."""
+    want = name.casefold()
+    try:
+        found = [d.name[len("models--"):].split("--", 1) for d in cache.iterdir() if d.name.startswith("models--")]
+    except OSError:
+        return None
+    matches = {"/".join(parts) for parts in found if len(parts) == 2 and parts[1].casefold() == want}
+    return matches.pop() if len(matches) == 1 else None
+
+
+def _guess_id(name: str) -> str:
+    """``Qwen2.5-0.5B`` → ``Qwen/Qwen2.5-0.5B`` for the download hint (the name itself when unsure)."""
+    if "/" in name:
+        return name
+    lower = name.casefold()
+    org = next((org for prefix, org in ORG_GUESSES.items() if lower.startswith(prefix)), None)
+    return f"{org}/{name}" if org else name
+
+
+def _from_modelscope(model_id: str, ctx: ToolContext) -> ResolvedModel:
+    if not HUB_ID.match(model_id) or "/" not in model_id:
+        raise ToolError("model_not_found", f"{model_id!r} is not a ModelScope id (modelscope:org/name).")
+    # Tools do not read the environment, but MODELSCOPE_CACHE is the library's own setting (like HF_HOME).
+    root = Path(ctx.extras.get("modelscope_cache_dir") or os.environ.get("MODELSCOPE_CACHE")
+                or "~/.cache/modelscope/hub").expanduser()
+    org, name = model_id.split("/", 1)
+    for base in (root / "models" / org, root / org):      # newer and older cache layouts; '.' may be '___'
+        folder = next((base / n for n in (name, name.replace(".", "___")) if (base / n / "config.json").is_file()),
+                      None)
+        if folder is not None:
+            return ResolvedModel(_model_folder(folder, model_id), "modelscope", model_id)
+    raise ToolError("model_not_found", f"The base model modelscope:{model_id} is not in the ModelScope cache "
+                                       f"({root}). On a machine with internet run `modelscope download --model "
+                                       f"{model_id}` and copy the cache folder here, or give a local folder.")
+
+
+def _model_folder(folder: Path, shown: str) -> Path:
+    """``folder`` if it holds a loadable model (config, tokenizer, weights); ``ToolError`` saying what is missing."""
+    if not folder.is_dir():
+        raise ToolError("bad_model", f"{shown!r} is a file; the base model is a folder with config.json.")
+    if not (folder / "config.json").is_file():
+        raise ToolError("bad_model", f"{shown!r} has no config.json, so it is not a model folder.")
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise ToolError("bad_model", f"{shown!r} has no tokenizer files ({', '.join(TOKENIZER_FILES)}).")
+    if not any(any(folder.glob(p)) for p in WEIGHT_PATTERNS):
+        raise ToolError("bad_model", f"{shown!r} has no weights (*.safetensors or *.bin); the download may be "
+                                     "incomplete.")
+    return folder
+
+
+def _read_config(folder: Path, shown: str) -> dict:
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ToolError("bad_model", f"I can't read config.json of {shown!r}: {e}") from None
+    if not isinstance(config, dict):
+        raise ToolError("bad_model", f"config.json of {shown!r} is not a JSON object.")
+    return config
+
+
+@lru_cache(maxsize=4)
+def _tokenizer(folder: str, stamp: tuple):
+    return load_tokenizer(folder)
+
+
+def _stamp(path: Path) -> tuple:
+    st = path.stat()
+    return str(path), st.st_mtime_ns, st.st_size, st.st_ino
+
+
+# ---- the check ----------------------------------------------------------------------------------------
+
+_memo: dict[tuple, CheckedJob] = {}
+_memo_lock = threading.Lock()
+_queue_lock = threading.Lock()     # launches in one process (bot threads) take job numbers one at a time
+
+
+def check_job(spec: FinetuneSpec, ctx: ToolContext) -> CheckedJob:
+    """Resolve the data set and the model, render the rows, run the preflight; queue nothing."""
+    data_path = resolve_user_path(spec.dataset, ctx)
+    if data_path.is_dir():
+        raise ToolError("bad_data", f"{spec.dataset!r} is a folder, not a data file.")
+    model = resolve_model(spec.base_model, ctx)
+    gpu_known, gpu = "worker_gpu" in ctx.extras, ctx.extras.get("worker_gpu")
+    config_path = model.path / "config.json"
+    key = (_stamp(data_path), _stamp(config_path), spec.model_dump_json(), gpu_known, json.dumps(gpu))
+    with _memo_lock:
+        if key in _memo:
+            return _memo[key]
+    tokenizer_file = next(model.path / f for f in TOKENIZER_FILES if (model.path / f).is_file())
+    tokenizer = _tokenizer(str(model.path), _stamp(tokenizer_file))
+    if tokenizer is None:
+        raise ToolError("bad_model", f"I can't load a tokenizer from {model.ref!r}.")
+    try:
+        data = render_dataset(spec, data_path, tokenizer)
+    except OSError as e:     # permissions, a file removed meanwhile, an I/O error
+        raise ToolError("bad_data", f"I can't read {data_path.name}: {e.strerror or e}.") from None
+    config = _read_config(model.path, model.ref)
+    try:
+        report = preflight(spec, data, tokenizer, config, gpu)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:   # a config.json of an unusual shape
+        report = preflight(spec, data, tokenizer, None, gpu)
+        report["warnings"].append({"level": "warning", "code": "no_estimate", "message": (
+            f"I can't read the model's size from its config.json ({type(e).__name__}: {e}), so there is no "
+            "parameter, VRAM or time estimate.")})
+    if not gpu_known:
+        _assume_unknown_gpu(report, spec)
+    report["warnings"] += [{"level": "info", "code": "no_chat_template", "message": n} for n in data.notices]
+    report["model"] = {"requested": spec.base_model, "resolved": model.ref, "source": model.source,
+                       "path": str(model.path)}
+    report["dataset_path"] = str(data_path)
+    report["gpu_known"] = gpu_known
+    checked = CheckedJob(spec, data_path, model, data, report)
+    if report["rows"]["total"] <= MEMO_MAX_ROWS:
+        with _memo_lock:
+            _memo.clear()
+            _memo[key] = checked
+    return checked
+
+
+def _assume_unknown_gpu(report: dict, spec: FinetuneSpec) -> None:
+    """No GPU description: drop the CPU-only verdicts and estimate the time on the reference GPU."""
+    kept = []
+    for w in report["warnings"]:
+        if w["code"] == "slow_on_cpu":
+            continue
+        if w["code"] == "qlora_needs_gpu":
+            w = {**w, "level": "warning", "message": "QLoRA needs a CUDA GPU on the worker (bitsandbytes 4-bit "
+                                                     "kernels); it fails on a CPU-only worker."}
+        kept.append(w)
+    report["warnings"] = kept
+    if report.get("params") and report.get("time"):
+        tps = tokens_per_second(report["params"]["total"], spec.method, REFERENCE_GPU, checkpointing=False)
+        report["time"] = {"tokens_per_s": round(tps), "seconds": round(report["training"]["total_tokens"] / tps),
+                          "gpu_kind": "H200", "assumed_gpu": True,
+                          "basis": "the worker's GPU is unknown; DESIGN §9 H200 LoRA baseline"}
+    report["ok"] = not any(w["level"] == "error" for w in report["warnings"])
+
+
+def raise_on_errors(report: dict) -> None:
+    """An error-level warning (``no_fit``, ``qlora_needs_gpu``) stops the launch: nothing is queued."""
+    for w in report["warnings"]:
+        if w["level"] == "error":
+            raise ToolError(w["code"], w["message"])
+
+
+# ---- queueing ------------------------------------------------------------------------------------------
+
+def queue_job(spec: FinetuneSpec, ctx: ToolContext) -> dict:
+    """Check the job, prepare ``RUN`` (spec.json + data/) and queue it; ``ToolError`` and nothing queued otherwise.
+
+    The run directory is filled in a staging folder and renamed into place before the job record exists,
+    so a worker never sees a half-written run.
+    """
+    checked = check_job(spec, ctx)
+    raise_on_errors(checked.report)
+    owner_dir = ctx.home / "jobs" / safe_segment(ctx.user_id)
+    owner_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=owner_dir))
+    run_dir = None
+    try:
+        _write_rows(checked.data.train, staging / "data" / "train.jsonl")
+        _write_rows(checked.data.eval, staging / "data" / "eval.jsonl")
+        run_spec = spec.model_dump() | {"base_model_path": str(checked.model.path),
+                                        "gradient_checkpointing": bool(checked.report["gradient_checkpointing"])}
+        with open_jobs(ctx) as jobs, _queue_lock:
+            job_id, run_dir = _place(jobs, staging, owner_dir, run_spec)
+            job = jobs.create(ctx.user_id, run_spec | {"job_id": job_id}, checked.report, run_dir)
+    except BaseException:
+        if run_dir is not None:     # placed, but no job record: leave nothing behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if job.id != job_id:            # another launch took the number meanwhile: the record wins
+        _write_spec(run_dir, run_spec | {"job_id": job.id})
+    return {"job_id": job.id, "status": job.status, "preflight": copy.deepcopy(checked.report), "run_dir": str(run_dir),
+            "base_model_path": str(checked.model.path), "train_rows": len(checked.data.train),
+            "eval_rows": len(checked.data.eval), "method": spec.method, "next": NEXT}
+
+
+def _place(jobs: Any, staging: Path, owner_dir: Path, run_spec: dict) -> tuple[str, Path]:
+    """Move the staged run to ``owner_dir/ft-N`` for the number the store will most likely hand out next."""
+    newest = jobs.list(None, limit=1)
+    number = (newest[0].number if newest else 0) + 1
+    while (owner_dir / f"ft-{number}").exists():    # a deleted job's run dir stays; never reuse it
+        number += 1
+    job_id, run_dir = f"ft-{number}", owner_dir / f"ft-{number}"
+    _write_spec(staging, run_spec | {"job_id": job_id})
+    staging.rename(run_dir)
+    return job_id, run_dir
+
+
+def _write_spec(run_dir: Path, spec: dict) -> None:
+    tmp = run_dir / "spec.json.tmp"
+    tmp.write_text(json.dumps(spec, ensure_ascii=False, indent=2), encoding="utf-8")
+    tmp.replace(run_dir / "spec.json")
+
+
+def _write_rows(rows: list[dict], target: Path) -> None:
+    """The contract's prepared JSONL (same layout as ``prepare_dataset`` writes)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with target.open("w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
