@@ -12,14 +12,19 @@ VRAM estimate (one device)::
                                                             constants (~0.127 bit/param); embeddings, head, norms bf16
     trainable    = 16 B × P_trainable                       fp32 weight 4 + grad 4 + AdamW m, v 8 (LoRA adapters;
                                                             full FT: all P — the fp32 master copy on top of bf16)
-    activations  = b × s × h × L × k                        k = 90 B in bf16 with SDPA, k = 4 B with gradient
+    activations  = b × s × h × L × k                        k = 76 B in bf16 with SDPA, k = 4 B with gradient
                                                             checkpointing (bf16 layer inputs + one recomputed layer)
-                 + b × s × V × 10 B                         logits: bf16, the fp32 up-cast for the loss, its gradient
+                 + b × s × V × j                            logits: j = 1 B without checkpointing (the peak is in
+                                                            the backward through all layers; the loss's fp32 copies
+                                                            are freed by then), j = 10 B with it (the peak is the
+                                                            loss: bf16 logits, the fp32 up-cast, its gradient)
     overhead     = 2 GiB                                    CUDA context, cuBLAS workspaces, allocator fragmentation
 
-Calibrated on DESIGN §9 (H200, LoRA r16, seq 2048, bf16, SDPA): DeepSeek-R1-Distill-Qwen-7B shape at b = 4
-gives 97.3 GiB (measured 97) and 31.5 GiB with gradient checkpointing (measured 30); the batch size of the
-Qwen2.5-0.5B measurement (59 GiB) is not recorded — the formula gives 29.4 GiB at b = 4 and 55.8 GiB at b = 8.
+Fitted on our own H200 runs (`evals/gpu/README.md`: LoRA r16 α32 on all linear layers, bf16, SDPA, b = 4,
+s = 2048, trl SFTTrainer, peak = torch.cuda.max_memory_allocated): the Qwen2.5-0.5B shape measured 14.6 GiB
+(formula 16.7, +14 %), the DeepSeek-R1-Distill-Qwen-7B shape 76.3 GiB (formula 76.1, −0.3 %). The first
+constants (k = 90, logits 10 B), fitted to DESIGN §9's peaks whose batch size is not recorded, were 2.0× and
+1.28× too high there. The checkpointed k = 4 still rests on DESIGN §9 (7B: 30 GiB measured, 31.5 formula).
 It fits when the total is ≤ 95 % of the GPU memory; gradient checkpointing is recommended when only the
 checkpointed estimate fits.
 
@@ -46,7 +51,7 @@ from tools.finetune.data import PreparedData, read_prepared, render_dataset
 GIB = 2**30
 TOKEN_SAMPLE = 20_000            # rows tokenised exactly; larger data sets are sampled and scaled
 TOKENIZER_THREADS, TOKENIZER_CHUNK = 4, 1000
-K_ACT_BF16, K_ACT_CHECKPOINTED, K_LOGITS = 90, 4, 10
+K_ACT_BF16, K_ACT_CHECKPOINTED, K_LOGITS, K_LOGITS_CHECKPOINTED = 76, 4, 1, 10
 OVERHEAD_GIB = 2.0
 NF4_BYTES = 0.5 + 0.127 / 8
 FIT_SHARE = 0.95
@@ -106,7 +111,8 @@ def estimate_vram(params: dict, method: str, batch: int, seq: int, *, checkpoint
                else 2 * params["total"])
     trainable = 16 * params["trainable"]
     k = K_ACT_CHECKPOINTED if checkpointing else K_ACT_BF16
-    acts = batch * seq * params["hidden"] * params["layers"] * k + batch * seq * params["vocab"] * K_LOGITS
+    j = K_LOGITS_CHECKPOINTED if checkpointing else K_LOGITS
+    acts = batch * seq * params["hidden"] * params["layers"] * k + batch * seq * params["vocab"] * j
     terms = {"weights_gb": weights / GIB, "trainable_states_gb": trainable / GIB, "activations_gb": acts / GIB,
              "overhead_gb": OVERHEAD_GIB}
     return {**{k: round(v, 3) for k, v in terms.items()}, "total_gb": round(sum(terms.values()), 2),
