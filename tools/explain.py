@@ -123,8 +123,9 @@ def explain_concept(args: ExplainArgs, ctx: ToolContext) -> dict:
     query = " ".join(args.query.split())
     lang = answer_language(query, args.lang, ctx.lang)
     try:
-        hits = kb.search(query, k=8, owner=ctx.user_id)
-        named = [m.card for m in kb.names().find(query) if kb.card(m.card)]
+        matches = kb.names().find(query)
+        hits = kb.search(query, k=8, owner=ctx.user_id, matches=matches)
+        named = [m.card for m in matches if kb.card(m.card)]
     except Exception as exc:  # a store that cannot be opened or reached: say so, never a traceback
         from memory.kb.index import KnowledgeError
 

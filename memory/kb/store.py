@@ -29,7 +29,7 @@ from memory.kb.bm25 import BM25
 from memory.kb.cards import Card, cards_fingerprint, load_cards
 from memory.kb.chunks import chunk_sections, split_sentences
 from memory.kb.index import KnowledgeError, Records
-from memory.kb.names import NameIndex
+from memory.kb.names import NameIndex, NameMatch
 from memory.kb.readers import DocumentError, limit_for, read_sections
 from memory.kb.text import add_words, tokenize
 from memory.kb.vectors import VectorStore, collection_name
@@ -337,8 +337,11 @@ class KnowledgeBase:
             return view
 
     def search(self, query: str, *, k: int = 5, owner: str | None = None, retriever: Retriever = "hybrid",
-               kinds: tuple[str, ...] = ("card", "doc")) -> list[Hit]:
-        """The ``k`` best cards/chunks for ``query``; a card appears once however many of its chunks match."""
+               kinds: tuple[str, ...] = ("card", "doc"), matches: list[NameMatch] | None = None) -> list[Hit]:
+        """The ``k`` best cards/chunks for ``query``; a card appears once however many of its chunks match.
+
+        ``matches``: ``self.names().find(query)`` when the caller has it already (explain_concept needs
+        the matches too), so the question is scanned for names once."""
         query = (query or "").strip()[:MAX_QUERY_CHARS]
         if not query or retriever not in RETRIEVERS:
             return []
@@ -347,6 +350,7 @@ class KnowledgeBase:
         if owner and "doc" in kinds:
             spaces.append(user_namespace(owner))
         view = self._view(tuple(spaces))
+        terms = tokenize(query)  # BM25 terms, and how much the question says (for the weight of names)
         lists: list[tuple[float, list[int]]] = []
         dense: dict[int, float] = {}
         if retriever in ("hybrid", "dense", "dense+bm25"):
@@ -366,14 +370,15 @@ class KnowledgeBase:
                         dense[item] = max(dense.get(item, -1.0), 1.0 - float(distance))
             lists.append((DENSE_WEIGHT, _dedupe(i for _, i in sorted(scored))))
         if retriever in ("hybrid", "bm25", "dense+bm25"):
-            lists.append((BM25_WEIGHT, _dedupe(view.item[i] for i in view.bm25_top(tokenize(query), CANDIDATES))))
+            lists.append((BM25_WEIGHT, _dedupe(view.item[i] for i in view.bm25_top(terms, CANDIDATES))))
         fused: dict[int, float] = {}
         named = []
         if retriever == "hybrid":
             # A concept named in the question counts in proportion to how much of the question it is:
             # all of "what is QLoRA?", a small part of a long question that mentions GPUs in passing.
-            content = max(1, len(_content_chars(query)))
-            named = [m for m in self.names().find(query) if m.card in view.card_item]
+            content = max(1, len("".join(terms)))
+            found = self.names().find(query) if matches is None else matches
+            named = [m for m in found if m.card in view.card_item]
             for rank, match in enumerate(named):
                 item = view.card_item[match.card]
                 share = min(1.0, len(_content_chars(query[match.start:match.end])) / content)

@@ -33,13 +33,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from memory.jobs_model import Job
+from tools.finetune.rundir import RunPaths
 
 log = logging.getLogger("stackwise.worker")
 
 EXIT_OK, EXIT_FAILED, EXIT_CANCELLED = 0, 1, 3  # the training entry's exit codes
 BACKENDS = ("local", "ray")
 RAY_MISSING = "STACKWISE_JOB_BACKEND=ray needs the ray package (pip install 'ray[default]')"
-WORKER_LOG, TRAIN_LOG = "worker.log", "train.log"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 _PR_SET_PDEATHSIG = 1
 
@@ -78,7 +78,7 @@ class Backend(Protocol):
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The highest-numbered ``RUN/checkpoints/checkpoint-N`` directory, or ``None``."""
-    folder = Path(run_dir) / "checkpoints"
+    folder = RunPaths(Path(run_dir)).checkpoints
     if not folder.is_dir():
         return None
     found = [(int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))]
@@ -113,10 +113,11 @@ def run_logs(run_dir: str | Path, tail: int) -> str:
     """The end of ``train.log`` (everything the trainer logged) and ``worker.log`` (its stdout/stderr), each
     under a ``==> name <==`` header as ``tail`` prints several files; ``""`` when neither exists yet."""
     parts = []
-    for name in (TRAIN_LOG, WORKER_LOG):
-        lines = tail_lines(Path(run_dir) / name, tail)
+    paths = RunPaths(Path(run_dir))
+    for path in (paths.log, paths.worker_log):
+        lines = tail_lines(path, tail)
         if lines:
-            parts.append(f"==> {name} <==\n" + "\n".join(lines))
+            parts.append(f"==> {path.name} <==\n" + "\n".join(lines))
     return "\n\n".join(parts)
 
 
@@ -144,13 +145,13 @@ class LocalBackend:
 
     def start(self, job: Job) -> RunHandle:
         run_dir = Path(job.run_dir)
-        if not (run_dir / "spec.json").is_file():
+        if not RunPaths(run_dir).spec.is_file():
             raise BackendError(f"the run directory {run_dir} has no spec.json")
         command = self.command(job)
         env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
         stamp = datetime.now(UTC).isoformat(timespec="seconds")
         try:
-            with (run_dir / WORKER_LOG).open("ab") as out:
+            with RunPaths(run_dir).worker_log.open("ab") as out:
                 out.write(f"--- {stamp} {job.id} attempt {job.attempts}: {shlex.join(command)}\n".encode())
                 out.flush()
                 process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,

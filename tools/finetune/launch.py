@@ -41,6 +41,7 @@ from typing import Any
 from tools.base import ToolContext, ToolError, safe_segment
 from tools.finetune.data import TOKENIZER_FILES, PreparedData, load_tokenizer, render_dataset
 from tools.finetune.preflight import preflight, tokens_per_second
+from tools.finetune.rundir import RunPaths
 from tools.finetune.spec import FinetuneSpec
 from tools.finetune.status import open_jobs
 from tools.paths import resolve_user_path
@@ -285,8 +286,8 @@ def queue_job(spec: FinetuneSpec, ctx: ToolContext) -> dict:
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=owner_dir))
     run_dir = None
     try:
-        _write_rows(checked.data.train, staging / "data" / "train.jsonl")
-        _write_rows(checked.data.eval, staging / "data" / "eval.jsonl")
+        _write_rows(checked.data.train, RunPaths(staging).train_data)
+        _write_rows(checked.data.eval, RunPaths(staging).eval_data)
         run_spec = spec.model_dump() | {"base_model_path": str(checked.model.path),
                                         "gradient_checkpointing": bool(checked.report["gradient_checkpointing"])}
         with open_jobs(ctx) as jobs, _queue_lock:
@@ -318,9 +319,9 @@ def _place(jobs: Any, staging: Path, owner_dir: Path, run_spec: dict) -> tuple[s
 
 
 def _write_spec(run_dir: Path, spec: dict) -> None:
-    tmp = run_dir / "spec.json.tmp"
+    tmp = RunPaths(run_dir).spec.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(spec, ensure_ascii=False, indent=2), encoding="utf-8")
-    tmp.replace(run_dir / "spec.json")
+    tmp.replace(RunPaths(run_dir).spec)
 
 
 def _write_rows(rows: list[dict], target: Path) -> None:

@@ -18,8 +18,8 @@ from typing import Any
 
 from memory.jobs import Job, JobNotFound, JobStateError, JobStore, StoreError
 from tools.base import ToolContext, ToolError
+from tools.finetune.rundir import RunPaths
 
-PLOT_NAME = "loss.png"
 TEXT_LIMIT = 400          # characters of a comparison answer kept in the result
 
 
@@ -138,8 +138,8 @@ def job_status(job_id: str | None, ctx: ToolContext) -> dict:
     with open_jobs(ctx) as jobs:
         job = find_job(jobs, job_id, ctx.user_id)
     run = Path(job.run_dir)
-    lines = read_progress(run / "progress.jsonl")
-    summary = job.summary or (_read_json(run / "summary.json") if job.is_finished else None)
+    lines = read_progress(RunPaths(run).progress)
+    summary = job.summary or (_read_json(RunPaths(run).summary) if job.is_finished else None)
     artifacts = job.artifacts or (summary or {}).get("artifacts") or {}
     result: dict[str, Any] = {
         "job_id": job.id, "status": job.status, "base_model": job.spec.get("base_model"),
@@ -150,7 +150,7 @@ def job_status(job_id: str | None, ctx: ToolContext) -> dict:
         "preflight": {k: job.preflight.get(k) for k in ("rows", "vram", "time") if k in job.preflight},
     }
     if job.status == "succeeded":
-        rows = _read_json(Path(artifacts.get("comparison") or run / "comparison.json"))
+        rows = _read_json(Path(artifacts.get("comparison") or RunPaths(run).comparison))
         if isinstance(rows, list) and rows and isinstance(rows[0], dict):
             result["comparison"] = {k: str(rows[0].get(k, ""))[:TEXT_LIMIT]
                                     for k in ("question", "reference", "before", "after")}
@@ -164,8 +164,7 @@ def job_status(job_id: str | None, ctx: ToolContext) -> dict:
 
 
 def _plot(lines: list[dict], run: Path, job_id: str) -> Path | None:
-    target = run / PLOT_NAME
-    progress = run / "progress.jsonl"
+    target, progress = RunPaths(run).loss_plot, RunPaths(run).progress
     try:
         if target.exists() and target.stat().st_mtime_ns >= progress.stat().st_mtime_ns:
             return target

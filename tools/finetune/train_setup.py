@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from tools.finetune.rundir import RunPaths
 from tools.finetune.spec import FinetuneSpec
 
 # Keys ``spec.json`` may hold besides the ``FinetuneSpec`` fields (see the contract).
@@ -26,53 +27,6 @@ ROW_KEYS = ("prompt", "completion")
 
 class TrainError(Exception):
     """An expected failure with a one-line message for the user (exit code 1, no traceback)."""
-
-
-@dataclass(frozen=True)
-class RunPaths:
-    """The files of one run directory."""
-
-    root: Path
-
-    @property
-    def spec(self) -> Path:
-        return self.root / "spec.json"
-
-    @property
-    def train_data(self) -> Path:
-        return self.root / "data" / "train.jsonl"
-
-    @property
-    def eval_data(self) -> Path:
-        return self.root / "data" / "eval.jsonl"
-
-    @property
-    def progress(self) -> Path:
-        return self.root / "progress.jsonl"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
-
-    @property
-    def adapter(self) -> Path:
-        return self.root / "adapter"
-
-    @property
-    def merged(self) -> Path:
-        return self.root / "merged"
-
-    @property
-    def comparison(self) -> Path:
-        return self.root / "comparison.json"
-
-    @property
-    def summary(self) -> Path:
-        return self.root / "summary.json"
-
-    @property
-    def log(self) -> Path:
-        return self.root / "train.log"
 
 
 @dataclass

@@ -29,7 +29,6 @@ from typing import Any
 
 from memory.jobs import Job, JobError, JobStore, StoreError
 from tools.finetune.backends import (
-    WORKER_LOG,
     Backend,
     BackendError,
     RunHandle,
@@ -37,6 +36,7 @@ from tools.finetune.backends import (
     make_backend,
     tail_lines,
 )
+from tools.finetune.rundir import RunPaths
 
 log = logging.getLogger("stackwise.worker")
 ENDINGS = ("succeeded", "failed", "cancelled")  # what summary.json may say
@@ -46,7 +46,7 @@ FINISH_TRIES = 3
 
 def last_progress(run_dir: str | Path) -> dict[str, Any] | None:
     """The last complete line of ``RUN/progress.jsonl`` as a dict (``None`` when there is none yet)."""
-    path = Path(run_dir) / "progress.jsonl"
+    path = RunPaths(Path(run_dir)).progress
     for line in reversed(tail_lines(path, 5, max_bytes=16_000)):
         try:
             value = json.loads(line)
@@ -145,7 +145,7 @@ class Worker:
 
     def run_job(self, job: Job) -> Job | None:
         """Run a job this worker has claimed until it ends; the finished job, or ``None`` if it was lost."""
-        summary_path = Path(job.run_dir) / "summary.json"
+        summary_path = RunPaths(Path(job.run_dir)).summary
         before = _stat_key(summary_path)  # a resumed run dir still has the last attempt's summary
         try:
             handle = self.backend.start(job)
@@ -246,9 +246,10 @@ class Worker:
         elif watch.cancel or watch.shutdown:
             status, error = "cancelled", None
         else:
-            tail = "\n".join(tail_lines(Path(job.run_dir) / WORKER_LOG, ERROR_LINES))[-ERROR_CHARS:]
+            log_path = RunPaths(Path(job.run_dir)).worker_log
+            tail = "\n".join(tail_lines(log_path, ERROR_LINES))[-ERROR_CHARS:]
             how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-            return "failed", f"the training process {how} without writing summary.json; {WORKER_LOG} ends:\n{tail}"
+            return "failed", f"the training process {how} without writing summary.json; {log_path.name} ends:\n{tail}"
         if status == "cancelled" and watch.shutdown and not watch.cancel:
             return "interrupted", f"worker {self.worker_id} was stopped; resume continues from the last checkpoint"
         return status, error
