@@ -7,8 +7,8 @@ import re
 import sqlite3
 import threading
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from langgraph.types import Command
 
@@ -21,6 +21,9 @@ from agent.state import new_turn
 from agent.toolbox import Toolbox
 from memory.checkpoints import StoreError, describe_sqlite_error, open_checkpointer
 from tools.registry import ToolRegistry
+
+if TYPE_CHECKING:
+    from agent.jobs import JobsService, JobWatcher
 
 _YES = re.compile(r"^(?:y|yes|yep|yeah|sure|ok|okay|confirm|confirmed|approve|go|go ahead|do it|launch|run it|"
                   r"是|是的|好|好的|确认|确定|可以|执行|同意|开始吧?)[.!。！\s]*$", re.IGNORECASE)
@@ -52,13 +55,14 @@ class Agent:
     """The brain behind every channel. Threads persist in ``$STACKWISE_HOME``."""
 
     def __init__(self, settings: Settings, *, registry: ToolRegistry | None = None,
-                 checkpointer: Any = None, router_embedder: Any = None):
+                 checkpointer: Any = None, router_embedder: Any = None, channel: str = "python"):
         from agent.brains.local import make_local_brain
 
         if settings.brain != "local":
             raise SettingsError(f"The {settings.brain} brain is not available in this version yet; "
                                 "use the local brain (--brain local, or unset STACKWISE_BRAIN).")
         self.settings = settings
+        self.channel = channel      # recorded with launched jobs: the channel that announces their end
         settings.home.mkdir(parents=True, exist_ok=True)
         self.toolbox = Toolbox(settings, registry)
         self.registry = self.toolbox.registry
@@ -128,7 +132,7 @@ class Agent:
                 notice = T.DROPPED[lang]
             elif decision is not None:
                 notice = T.NOTHING_PENDING[lang]
-            payload = new_turn(text, user_id, notice)
+            payload = new_turn(text, user_id, notice, thread_id=thread_id, channel=self.channel)
         shown: set[int] = set()
         # durability="exit": one checkpoint write per turn (or per interrupt) instead of one per node;
         # a crash mid-turn loses only that turn, never earlier history.
@@ -224,6 +228,16 @@ class Agent:
         return list(self.graph.get_state(self._config(thread_id, user_id)).values.get("messages", []))
 
     # --- tools -------------------------------------------------------------------------------
+    def jobs(self) -> JobsService:
+        """Fine-tune jobs (list, show, logs, cancel, resume) for channel commands such as ``/jobs``."""
+        return self.toolbox.jobs()
+
+    def watch_jobs(self, callback: Callable[[dict], None], *, user_id: str | None = None,
+                   poll_s: float = 5.0) -> JobWatcher:
+        """Announce the end of every job launched from this agent's channel (``user_id``'s only, or everyone's):
+        ``callback(notice)`` runs in a daemon thread for each (see ``JobsService.notice``); ``stop()`` it."""
+        return self.toolbox.jobs().watch(self.channel, callback, user=user_id, poll_s=poll_s)
+
     def tools(self) -> list[dict]:
         return self.toolbox.tools()
 

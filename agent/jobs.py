@@ -17,7 +17,7 @@ Example:
 from __future__ import annotations
 
 import builtins
-import os
+import logging
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -28,8 +28,12 @@ from memory.jobs_model import iso
 from tools.finetune.backends import BackendError, LocalBackend, RayBackend, latest_checkpoint, make_backend, run_logs
 from tools.finetune.worker import Worker, last_progress
 
-BACKEND_ENV, RAY_ADDRESS_ENV = "STACKWISE_JOB_BACKEND", "STACKWISE_RAY_ADDRESS"
 MAX_TAIL = 10_000
+log = logging.getLogger("stackwise.jobs")
+ENDED_HEADS = {"succeeded": ("微调任务完成", "Fine-tune finished"),
+               "cancelled": ("微调任务已取消", "Fine-tune cancelled"),
+               "failed": ("微调任务失败", "Fine-tune failed"),
+               "interrupted": ("微调任务被中断", "Fine-tune interrupted")}
 
 
 class JobsError(Exception):
@@ -42,7 +46,8 @@ class JobsError(Exception):
 
 
 class JobsService:
-    """Fine-tune jobs for channels, on ``settings.home``'s job store (opened on first use)."""
+    """Fine-tune jobs for channels, on the job store the settings name (Postgres at ``database_url``, else SQLite
+    under ``home``), opened on first use."""
 
     def __init__(self, settings: Settings, *, store: JobStore | None = None):
         self.settings = settings
@@ -55,7 +60,7 @@ class JobsService:
         if self._store is None:
             with self._lock:
                 if self._store is None:
-                    self._store = _call(JobStore.for_home, self.settings.home)
+                    self._store = _call(JobStore.open, self.settings.home, self.settings.database_url)
         return self._store
 
     def close(self) -> None:
@@ -113,7 +118,7 @@ class JobsService:
         """The backend the settings name (``STACKWISE_JOB_BACKEND``: local by default, or ray)."""
         name, address = _backend_settings(self.settings)
         try:
-            return make_backend(name, ray_address=address)
+            return make_backend(name, ray_address=address, ray_num_gpus=self.settings.ray_num_gpus)
         except BackendError as exc:
             raise JobsError("settings", str(exc)) from None
 
@@ -133,6 +138,44 @@ class JobsService:
             raise JobsError("store", str(exc)) from None
         return 0
 
+    # --- announcing a job's end where it was launched ------------------------------------------------
+
+    def announcements(self, channel: str, user: str | None = None, limit: int = 20) -> builtins.list[dict[str, Any]]:
+        """Take and return the announcements due on ``channel`` (for ``user``'s jobs, or everyone's): one per
+        ended job launched from there and not announced yet. Each job is handed out once, whichever process
+        asks first (see :meth:`notice` for the shape)."""
+        jobs = _call(self.store.unannounced, channel, user, limit)
+        return [self.notice(job) for job in jobs if _call(self.store.mark_announced, job.id)]
+
+    def notice(self, job: Job) -> dict[str, Any]:
+        """The message that tells ``job``'s launcher it ended: ``job_id``, ``owner``, ``status``, ``origin``
+        (channel, thread_id, lang), ``text`` (in the launch's language: the numbers, the adapter, the first
+        before/after answer, or why it stopped and how to resume) and ``attachments`` (the loss curve)."""
+        from tools.base import ToolContext
+        from tools.finetune.status import job_status, status_text
+
+        origin = dict(job.origin or {})
+        lang = "zh" if origin.get("lang") == "zh" else "en"
+        ctx = ToolContext(home=self.settings.home, user_id=job.owner, lang=lang, extras={"jobs": self.store})
+        try:
+            result = job_status(job.id, ctx)
+            body = status_text(result, lang)
+        except Exception:   # a damaged run directory still gets its job announced, with the record's words
+            log.exception("%s: cannot read the run for its announcement", job.id)
+            result, body = {"attachments": []}, f"{job.id}: {job.status}" + (f" ({job.error})" if job.error else "")
+        head = ENDED_HEADS.get(job.status, (job.status, job.status))
+        text = f"🔔 {head[0]}：{body}" if lang == "zh" else f"🔔 {head[1]} — {body}"
+        return {"job_id": job.id, "owner": job.owner, "status": job.status, "origin": origin, "text": text,
+                "attachments": result.get("attachments") or []}
+
+    def watch(self, channel: str, callback: Callable[[dict[str, Any]], None], *, user: str | None = None,
+              poll_s: float = 5.0) -> JobWatcher:
+        """Start a daemon thread that passes every announcement due on ``channel`` to ``callback`` (the REPL
+        prints it; a bot sends it to ``notice["origin"]["thread_id"]``'s chat). Stop it with ``stop()``."""
+        watcher = JobWatcher(self, channel, callback, user=user, poll_s=poll_s)
+        watcher.start()
+        return watcher
+
     # --- internals -----------------------------------------------------------------------------------
 
     def _get(self, job_id: str, user: str, admin: bool) -> Job:
@@ -141,9 +184,46 @@ class JobsService:
     def _ray(self) -> RayBackend:
         _, address = _backend_settings(self.settings)
         try:
-            return RayBackend(address)
+            return RayBackend(address, num_gpus=self.settings.ray_num_gpus)
         except BackendError as exc:
             raise JobsError("settings", str(exc)) from None
+
+
+class JobWatcher(threading.Thread):
+    """Polls the job store for announcements due on one channel and hands each to a callback; a failing
+    callback or store is logged and the next poll goes on (an announcement a callback failed on is not retried:
+    it was taken, so no second process repeats it either)."""
+
+    def __init__(self, service: JobsService, channel: str, callback: Callable[[dict[str, Any]], None], *,
+                 user: str | None = None, poll_s: float = 5.0):
+        super().__init__(name=f"stackwise-jobs-{channel}", daemon=True)
+        self.service, self.channel, self.callback, self.user = service, channel, callback, user
+        self.poll_s = max(0.05, float(poll_s))
+        self._stop_event = threading.Event()
+
+    def poll(self) -> int:
+        """One look: announce what is due; the number announced."""
+        try:
+            due = self.service.announcements(self.channel, self.user)
+        except JobsError as exc:
+            log.warning("job announcements for %s: %s", self.channel, exc.message)
+            return 0
+        for notice in due:
+            try:
+                self.callback(notice)
+            except Exception:
+                log.exception("announcing %s on %s failed", notice["job_id"], self.channel)
+        return len(due)
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            self.poll()
+            self._stop_event.wait(self.poll_s)
+
+    def stop(self, timeout: float | None = 5.0) -> None:
+        self._stop_event.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(timeout)
 
 
 def job_row(job: Job) -> dict[str, Any]:
@@ -161,10 +241,7 @@ def job_row(job: Job) -> dict[str, Any]:
 
 
 def _backend_settings(settings: Settings) -> tuple[str, str | None]:
-    # Settings has no job fields yet: read them there when it does, from the environment until then.
-    name = getattr(settings, "job_backend", None) or os.environ.get(BACKEND_ENV) or "local"
-    address = getattr(settings, "ray_address", None) or os.environ.get(RAY_ADDRESS_ENV) or None
-    return name, address
+    return settings.job_backend, settings.ray_address
 
 
 def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

@@ -48,12 +48,31 @@ class Settings:
                                 "under home.")
     database_url: str | None = _f(None, "STACKWISE_DATABASE_URL",
                                   "Postgres URL for threads/jobs; empty: SQLite under home.")
+    job_backend: str = _f("local", "STACKWISE_JOB_BACKEND",
+                          "Where fine-tune jobs run: local (`stackwise worker` subprocesses) or ray.")
+    ray_address: str | None = _f(None, "STACKWISE_RAY_ADDRESS",
+                                 "The Ray cluster's dashboard (http://head:8265) for the ray job backend; "
+                                 "empty: Ray's own RAY_ADDRESS.")
+    ray_num_gpus: float = _f(1.0, "STACKWISE_RAY_NUM_GPUS",
+                             "GPUs each fine-tune run asks the Ray cluster for (0 on a CPU-only cluster, where a "
+                             "run asking for 1 would wait forever).")
+    worker_gpu: str = _f("auto", "STACKWISE_WORKER_GPU",
+                         "The fine-tune worker's GPU, for the preflight's fit check: auto (this machine's, with "
+                         "the local backend; unknown with ray), none (CPU only), unknown, or NAME:GB "
+                         "(e.g. 'RTX 4090:24').")
     max_message_chars: int = _f(20_000, "STACKWISE_MAX_MESSAGE_CHARS", "Longest message accepted in one turn.")
     router_threshold: float = _f(0.36, "STACKWISE_ROUTER_THRESHOLD",
                                  "Below this routing score a message is chit-chat, not a tool call.")
     llm_base_url: str | None = _f(None, "OPENAI_BASE_URL", "OpenAI-compatible endpoint for the llm brain.")
     llm_api_key: str | None = _f(None, "OPENAI_API_KEY", "API key for the llm brain.", repr=False)
     llm_model: str | None = _f(None, "STACKWISE_LLM_MODEL", "Model name for the llm brain.")
+    llm_timeout_s: float = _f(60.0, "STACKWISE_LLM_TIMEOUT_S", "Seconds one request to the llm brain's model may take.")
+    llm_max_steps: int = _f(6, "STACKWISE_LLM_MAX_STEPS",
+                            "Most model calls in one turn of the llm brain (call → observe → call again → answer).")
+    keep_checkpoints: int = _f(20, "STACKWISE_KEEP_CHECKPOINTS",
+                               "Checkpoints kept per thread (older ones are pruned; the conversation is kept).")
+    thread_max_idle_days: float = _f(90.0, "STACKWISE_THREAD_MAX_IDLE_DAYS",
+                                     "Threads idle longer than this many days are deleted (0: keep forever).")
     log_level: str = _f("WARNING", "STACKWISE_LOG_LEVEL", "Logging level (logs go to stderr).")
 
     @property
@@ -118,6 +137,26 @@ def _read_toml(env: Mapping[str, str], home_override: Any = None) -> tuple[Path 
     return None, {}
 
 
+def parse_worker_gpu(value: str) -> tuple[str, dict[str, Any] | None]:
+    """``STACKWISE_WORKER_GPU`` as ``(kind, gpu)``: ``("auto" | "unknown" | "none", None)`` or
+    ``("given", {"name", "memory_gb"})``.
+
+    >>> parse_worker_gpu("RTX 4090:24")
+    ('given', {'name': 'RTX 4090', 'memory_gb': 24.0})
+    """
+    text = value.strip()
+    if text.lower() in ("auto", "unknown", "none", ""):
+        return (text.lower() or "unknown"), None
+    name, sep, size = text.rpartition(":")
+    try:
+        memory_gb = float(size)
+    except ValueError:
+        memory_gb = -1.0
+    if not sep or not name.strip() or not 0 < memory_gb <= 4096:
+        raise SettingsError(f"worker_gpu must be auto, none, unknown or NAME:GB (e.g. 'A100:80'), not {value!r}")
+    return "given", {"name": name.strip(), "memory_gb": memory_gb}
+
+
 def _coerce(name: str, value: Any) -> Any:
     try:
         if name == "home":
@@ -125,10 +164,31 @@ def _coerce(name: str, value: Any) -> Any:
         if name == "data_roots":
             parts = value.split(os.pathsep) if isinstance(value, str) else list(value)
             return tuple(Path(p).expanduser().resolve() for p in parts if str(p).strip())
-        if name in ("max_message_chars",):
-            return int(value)
+        if name in ("max_message_chars", "llm_max_steps", "keep_checkpoints"):
+            number = int(value)
+            if number < 1:
+                raise SettingsError(f"{name} must be at least 1, not {value!r}")
+            return number
+        if name in ("llm_timeout_s", "thread_max_idle_days"):
+            number = float(value)
+            if number < 0 or (name == "llm_timeout_s" and number == 0):
+                raise SettingsError(f"{name} must be {'positive' if name == 'llm_timeout_s' else '0 or more'}, "
+                                    f"not {value!r}")
+            return number
         if name == "router_threshold":
             return float(value)
+        if name == "ray_num_gpus":
+            gpus = float(value)
+            if not 0 <= gpus <= 64:
+                raise SettingsError(f"ray_num_gpus must be between 0 and 64, not {value!r}")
+            return gpus
+        if name == "job_backend":
+            if value not in ("local", "ray"):
+                raise SettingsError(f"job_backend must be 'local' or 'ray', not {value!r}")
+            return value
+        if name == "worker_gpu":
+            parse_worker_gpu(str(value))
+            return str(value).strip()
         if name == "brain":
             if value not in ("local", "llm"):
                 raise SettingsError(f"brain must be 'local' or 'llm', not {value!r}")

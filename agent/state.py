@@ -22,6 +22,8 @@ class TurnState(TypedDict, total=False):
     # This turn (the facade resets these with every new message).
     text: str
     user_id: str
+    thread_id: str            # the thread as its channel names it (where a job's end is announced)
+    channel: str              # cli, http, mcp, telegram, slack, python
     lang: str
     steps_text: list[str]
     plan: list[PlannedCall]
@@ -33,9 +35,11 @@ class TurnState(TypedDict, total=False):
     notice: str | None
 
 
-def new_turn(text: str, user_id: str, notice: str | None = None) -> dict[str, Any]:
+def new_turn(text: str, user_id: str, notice: str | None = None, *, thread_id: str = "",
+             channel: str = "python") -> dict[str, Any]:
     """The graph input for a fresh message: every per-turn field reset."""
     return {
-        "text": text, "user_id": user_id, "steps_text": [], "plan": [], "trace": [],
+        "text": text, "user_id": user_id, "thread_id": thread_id, "channel": channel, "steps_text": [], "plan": [],
+        "trace": [],
         "answer": "", "citations": [], "attachments": [], "pending": None, "notice": notice,
     }

@@ -10,7 +10,7 @@ import json
 import threading
 from typing import TYPE_CHECKING, Any
 
-from agent.settings import Settings
+from agent.settings import Settings, parse_worker_gpu
 from tools.base import ToolContext
 from tools.registry import ToolRegistry, call_record
 
@@ -25,6 +25,20 @@ def embedder_factory(name: str | None = None) -> Any:
     return load_embedder(name)
 
 
+def local_gpu() -> dict[str, Any] | None:
+    """This machine's first CUDA GPU as ``{"name", "memory_gb"}``, or ``None`` without one (torch imported
+    on first call only)."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        props = torch.cuda.get_device_properties(0)
+        return {"name": props.name, "memory_gb": round(props.total_memory / 2**30, 1)}
+    except Exception:   # a broken driver reads as no GPU, never as a failed launch
+        return None
+
+
 class Toolbox:
     def __init__(self, settings: Settings, registry: ToolRegistry | None = None):
         self.settings = settings
@@ -32,6 +46,27 @@ class Toolbox:
         self._knowledge = None
         self._knowledge_lock = threading.Lock()
         self._jobs = None
+        self._gpu: list[dict[str, Any] | None] = []   # the probed GPU, once
+        self._gpu_lock = threading.Lock()
+
+    def worker_gpu(self) -> dict[str, Any] | None:
+        """The worker's GPU for the preflight (``STACKWISE_WORKER_GPU``); ``auto`` probes this machine once."""
+        kind, given = parse_worker_gpu(self.settings.worker_gpu)
+        if kind != "auto":
+            return given
+        with self._gpu_lock:
+            if not self._gpu:
+                self._gpu.append(local_gpu())
+        return self._gpu[0]
+
+    def _extras(self) -> dict[str, Any]:
+        """What the fine-tune tools read: the job database's URL, and the worker's GPU (lazily: probing imports
+        torch) unless unknown — ``unknown``, or ``auto`` with the ray backend, whose workers are other machines."""
+        extras: dict[str, Any] = {"database_url": self.settings.database_url} if self.settings.database_url else {}
+        kind, given = parse_worker_gpu(self.settings.worker_gpu)
+        if kind == "unknown" or (kind == "auto" and self.settings.job_backend != "local"):
+            return extras
+        return extras | {"worker_gpu": self.worker_gpu if kind == "auto" else given}
 
     def knowledge(self) -> Any:
         """The knowledge base (opened on first use; cards are indexed on first search)."""
@@ -70,12 +105,17 @@ class Toolbox:
             self._jobs = None
 
     def context_for_turn(self, state: dict) -> ToolContext:
-        """The graph's tool context: this turn's user and language."""
-        return self.context(state.get("user_id", "local"), state.get("lang", "en"))
+        """The graph's tool context: this turn's user and language, and where the turn came from (a launched
+        job's end is announced there)."""
+        ctx = self.context(state.get("user_id", "local"), state.get("lang", "en"))
+        if state.get("thread_id"):
+            ctx.extras["origin"] = {"channel": state.get("channel") or "python", "thread_id": state["thread_id"],
+                                    "lang": state.get("lang", "en")}
+        return ctx
 
     def context(self, user_id: str, lang: str = "en") -> ToolContext:
         return ToolContext(home=self.settings.home, user_id=user_id, data_roots=tuple(self.settings.data_roots),
-                           lang=lang, embedder=embedder_factory, knowledge=self.knowledge)
+                           lang=lang, embedder=embedder_factory, knowledge=self.knowledge, extras=self._extras())
 
     def tools(self) -> list[dict]:
         """Name, description, JSON schema and side effects of every tool."""

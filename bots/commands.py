@@ -13,11 +13,12 @@ from bots.cli import _print_json, _settings, _user
 def known_error(exc: Exception) -> tuple[str, str] | None:
     """(type, message) for errors a user can act on; None for bugs (which keep their traceback)."""
     from agent.facade import InputError
+    from agent.jobs import JobsError
     from agent.settings import SettingsError
     from memory.checkpoints import StoreError
     from memory.kb.index import KnowledgeError
 
-    if isinstance(exc, InputError):
+    if isinstance(exc, InputError | JobsError):
         return exc.type, exc.message
     if isinstance(exc, SettingsError):
         return "settings", str(exc)
@@ -31,7 +32,7 @@ def known_error(exc: Exception) -> tuple[str, str] | None:
 def _agent(args: argparse.Namespace, **overrides: Any):
     from agent import Agent
 
-    return Agent(_settings(args, **overrides))
+    return Agent(_settings(args, **overrides), channel="cli")
 
 
 def render_reply(reply: Any, out=None) -> None:

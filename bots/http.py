@@ -393,7 +393,7 @@ def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000, *,
     except OSError as exc:
         sys.stderr.write(f"error: cannot listen on {host}:{port}: {exc.strerror or exc}\n")
         return 1
-    agent = Agent(settings)
+    agent = Agent(settings, channel="http")
     try:
         app = create_app(agent, tokens=tokens)
         auth = f"bearer tokens for {len(set(tokens.values()))} user(s)" if tokens else "none (loopback, user 'local')"

@@ -23,6 +23,7 @@ from rich.markup import escape as _escape
 from rich.text import Text
 
 PROMPT = "you › "
+JOB_POLL_S = 5.0
 HISTORY_LENGTH = 1000
 EXAMPLES = (
     "what is QLoRA?",
@@ -32,7 +33,6 @@ EXAMPLES = (
 LATER = {
     "/memory": "Long-term user memory (/memory, /forget)",
     "/forget": "Long-term user memory (/memory, /forget)",
-    "/jobs": "Watching fine-tune jobs from the REPL (/jobs)",
 }
 HELP = (
     ("/help", "this list"),
@@ -41,7 +41,7 @@ HELP = (
     ("/history", "the messages of this thread"),
     ("/memory", "what I remember about you (later version)"),
     ("/forget", "forget what I remember about you (later version)"),
-    ("/jobs", "your fine-tune jobs (later version)"),
+    ("/jobs", "your fine-tune jobs (their end is announced here as it happens)"),
     ("/quit", "leave (also /exit or Ctrl-D)"),
 )
 
@@ -88,12 +88,39 @@ class Repl:
         self.console = console
         self.commands: dict[str, Callable[[], None]] = {
             "/help": self.cmd_help, "/new": self.cmd_new, "/tools": self.cmd_tools, "/history": self.cmd_history,
-            "/quit": self.cmd_quit, "/exit": self.cmd_quit,
+            "/quit": self.cmd_quit, "/exit": self.cmd_quit, "/jobs": self.cmd_jobs,
         }
+        self.watcher: Any = None
 
     # --- the loop ----------------------------------------------------------------------------
     def run(self) -> int:
         self.say(f"[bold]stackwise[/bold] · thread [cyan]{_escape(self.thread_id)}[/cyan] · /help for commands")
+        self.start_watching()
+        try:
+            return self.loop()
+        finally:
+            if self.watcher is not None:
+                self.watcher.stop()
+
+    def start_watching(self, poll_s: float = JOB_POLL_S) -> None:
+        """Announce this user's fine-tunes launched from the terminal as they end (also those that ended
+        while no REPL was open: the first look is at once)."""
+        watch = getattr(self.agent, "watch_jobs", None)
+        if watch is None:
+            return
+        try:
+            self.watcher = watch(self.announce, user_id=self.user_id, poll_s=poll_s)
+        except Exception as exc:   # a job store that cannot open must not keep anyone from chatting
+            log.warning("not watching fine-tune jobs: %s", exc)
+
+    def announce(self, notice: dict) -> None:
+        self.console.print()
+        self.console.print(Text(notice["text"], style="bold magenta"), emoji=False)
+        for item in notice.get("attachments") or []:
+            self.console.print(Text(f"  📎 {item.get('caption') or item['kind']}: {item['path']}", style="dim"),
+                               emoji=False)
+
+    def loop(self) -> int:
         interrupted = False
         while True:
             try:
@@ -211,6 +238,24 @@ class Repl:
         for message in messages:
             who = "you" if message.get("role") == "user" else "stackwise"
             self.console.print(Text.assemble((f"{who}: ", "bold"), str(message.get("content", ""))), emoji=False)
+
+    def cmd_jobs(self) -> None:
+        """This user's fine-tune jobs, newest first."""
+        try:
+            rows = self.agent.jobs().list(self.user_id, limit=20)
+        except Exception as exc:
+            self.error(exc)
+            return
+        if not rows:
+            self.say("[dim](no fine-tune jobs yet — try: fine-tune Qwen2.5-0.5B on data.jsonl)[/dim]")
+        for row in rows:
+            step = f"{row['step']}/{row['total']}" if row.get("total") else "-"
+            loss = f"loss {row['loss']:.3g}" if isinstance(row.get("loss"), int | float) else ""
+            line = f"  {row['id']:<8} {row['status']:<11} {step:>9}  {loss:<11} {row.get('method') or ''} · " \
+                   f"{row.get('base_model')} · {row.get('dataset')}"
+            self.console.print(Text(line.rstrip()), emoji=False)
+            if row.get("error"):
+                self.console.print(Text(f"           {row['error']}", style="red"), emoji=False)
 
     def cmd_quit(self) -> None:
         """Leave the REPL."""

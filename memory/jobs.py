@@ -1,11 +1,16 @@
-"""The fine-tune job store: one SQLite table of jobs (``$STACKWISE_HOME/jobs.sqlite``) with owners, specs,
-status history, progress and artifacts, safe to share between the bot, the CLI and several workers.
+"""The fine-tune job store: a table of jobs with owners, specs, status history, progress and artifacts, safe
+to share between the bot, the CLI and several workers — in SQLite (``$STACKWISE_HOME/jobs.sqlite``) or, when
+``STACKWISE_DATABASE_URL`` names one, in PostgreSQL, which workers on other machines can reach too
+(:meth:`JobStore.open` picks).
 
-Every write runs in a ``BEGIN IMMEDIATE`` transaction, so assigning ``ft-N`` and claiming the oldest queued
-job are atomic across threads and processes. A damaged or locked database raises
-:class:`~memory.checkpoints.StoreError` with a message that says what to do; the file is never touched.
-The SQL lives in :mod:`memory.jobs_sql`, the connection in :mod:`memory.jobs_db`, the statuses,
-transitions and the ``Job`` value in :mod:`memory.jobs_model`.
+Both behave the same. Every write is one transaction in which assigning ``ft-N`` and claiming the oldest
+queued job are atomic across threads, processes and (on Postgres) machines: SQLite's write transactions are
+``BEGIN IMMEDIATE``; on Postgres the job rows a write reads are locked (``FOR UPDATE``) and a claim passes over
+a job another worker is claiming this instant (``FOR UPDATE SKIP LOCKED``). A damaged, locked or unreachable
+database raises :class:`~memory.checkpoints.StoreError` with a message that says what to do (naming the file,
+or the server's host and port, never its password); nothing is changed. The SQL and the dialects' differences
+live in :mod:`memory.jobs_sql`, the connections in :mod:`memory.jobs_db`, the statuses, transitions and the
+``Job`` value in :mod:`memory.jobs_model`.
 
 Example:
     >>> import tempfile; from pathlib import Path
@@ -22,15 +27,15 @@ from __future__ import annotations
 
 import os
 import socket
-import sqlite3
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from memory import jobs_sql as sql
+from memory import pg
 from memory.checkpoints import LOCK_TIMEOUT_S, StoreError
-from memory.jobs_db import SqliteJobsDB
+from memory.jobs_db import PostgresJobsDB, SqliteJobsDB
 from memory.jobs_model import (
     ACTIVE,
     FINISHED,
@@ -68,19 +73,46 @@ def pid_alive(pid: int) -> bool:
 
 
 class JobStore:
-    """Fine-tune job records in SQLite. Thread-safe; open one per process (or share one between threads)."""
+    """Fine-tune job records in SQLite or PostgreSQL. Thread-safe; open one per process (or share one between
+    threads)."""
 
     def __init__(self, path: str | Path, *, lock_timeout_s: float = LOCK_TIMEOUT_S,
                  clock: Callable[[], float] = time.time):
-        self.path = Path(path)
+        """``path``: the SQLite file, or a ``postgresql://user:password@host:port/database`` URL."""
         self._clock = clock
-        self._db = SqliteJobsDB(self.path, lock_timeout_s=lock_timeout_s)
+        self._db: SqliteJobsDB | PostgresJobsDB
+        if pg.is_postgres_url(path):
+            self.path: Path | None = None
+            self._db = PostgresJobsDB(str(path).strip(), lock_timeout_s=lock_timeout_s)
+            self.location = pg.redact(self._db.url)
+        else:
+            self.path = Path(path)
+            self._db = SqliteJobsDB(self.path, lock_timeout_s=lock_timeout_s)
+            self.location = str(self.path)
+        self._dialect = self._db.dialect
 
     @classmethod
     def for_home(cls, home: str | Path | None = None, **kwargs: Any) -> JobStore:
         """The store at ``home/jobs.sqlite``; ``home`` defaults to ``$STACKWISE_HOME`` (``~/.stackwise``)."""
         home = home if home is not None else os.environ.get("STACKWISE_HOME") or "~/.stackwise"
         return cls(Path(home).expanduser() / "jobs.sqlite", **kwargs)
+
+    @classmethod
+    def open(cls, home: str | Path | None = None, database_url: str | None = None, **kwargs: Any) -> JobStore:
+        """The store the settings name: PostgreSQL at ``database_url`` (``Settings.database_url``,
+        ``STACKWISE_DATABASE_URL``) when it is set, else SQLite under ``home`` (see :meth:`for_home`).
+        A malformed URL or an unreachable server is a :class:`StoreError`."""
+        url = (database_url or "").strip()
+        if not url:
+            return cls.for_home(home, **kwargs)
+        if not pg.is_postgres_url(url):
+            pg.conninfo(url)  # raises the StoreError that says what a database URL looks like
+        return cls(url, **kwargs)
+
+    @property
+    def dialect(self) -> str:
+        """``"sqlite"`` or ``"postgres"``."""
+        return self._dialect
 
     def close(self) -> None:
         self._db.close()
@@ -94,17 +126,23 @@ class JobStore:
     # --- creating and reading ------------------------------------------------------------------
 
     def create(self, owner: str, spec: dict, preflight: dict, run_dir: str | Path, *,
-               backend: str | None = None) -> Job:
+               backend: str | None = None, origin: dict | None = None) -> Job:
         """Queue a new job as ``ft-N`` (N one more than any job this database ever had).
 
         ``backend`` ties the job to one kind of worker; ``None`` lets the first worker of any backend take it.
+        ``origin`` says where it was launched (``{"channel", "thread_id", "lang", …}``): its end is announced
+        there (:meth:`unannounced`); ``None``: nowhere.
         """
         owner = check_owner(owner)
+        channel = (origin or {}).get("channel")
+        if origin is not None and (not isinstance(channel, str) or not channel):
+            raise ValueError("a job's origin names its channel: {'channel': 'telegram', …}")
         values = {"owner": owner, "status": "queued", "spec": json_text(spec, "spec"),
-                  "preflight": json_text(preflight, "preflight"), "run_dir": str(run_dir), "backend": backend}
+                  "preflight": json_text(preflight, "preflight"), "run_dir": str(run_dir), "backend": backend,
+                  "origin": None if origin is None else json_text(origin, "origin"), "origin_channel": channel}
         now = self._clock()
         with self._db.transaction(write=True) as db:
-            number = db.execute(sql.NEXT_NUMBER).fetchone()[0]
+            number = db.execute(sql.NEXT_NUMBER).fetchone()["value"]
             job_id = f"ft-{number}"
             db.execute(sql.INSERT_JOB, {**values, "number": number, "id": job_id, "created_at": now,
                                         "queued_at": now})
@@ -141,7 +179,7 @@ class JobStore:
     def delete(self, job_id: str, *, owner: str | None = None, admin: bool = False) -> None:
         """Forget a job that no worker holds; its number is never given out again (the run dir stays)."""
         with self._db.transaction(write=True) as db:
-            job = self._visible(db, job_id, owner, admin)
+            job = self._visible(db, job_id, owner, admin, lock=True)
             if job.is_active:
                 raise JobStateError(f"{standing(job.id, job.status)}; cancel it before deleting it.")
             db.execute(sql.DELETE_HISTORY, {"number": job.number})
@@ -155,7 +193,7 @@ class JobStore:
         Asking again while it is being cancelled changes nothing."""
         now = self._clock()
         with self._db.transaction(write=True) as db:
-            job = self._visible(db, job_id, owner, admin)
+            job = self._visible(db, job_id, owner, admin, lock=True)
             who = owner or "an admin"
             if job.status == "queued":
                 self._move(db, job, "cancelled", now, f"cancelled by {who} before it started", finished_at=now)
@@ -171,13 +209,32 @@ class JobStore:
         from its last checkpoint; the job returns to the same kind of backend."""
         now = self._clock()
         with self._db.transaction(write=True) as db:
-            job = self._visible(db, job_id, owner, admin)
+            job = self._visible(db, job_id, owner, admin, lock=True)
             if job.status not in RESUMABLE:
                 raise JobStateError(f"{standing(job.id, job.status)}; nothing to resume.")
             self._move(db, job, "queued", now, f"resumed by {owner or 'an admin'} (was {job.status})",
                        queued_at=now, finished_at=None, error=None, summary=None, cancel_requested=0,
-                       worker=None, worker_pid=None, pid=None, host=None, heartbeat_at=None)
+                       worker=None, worker_pid=None, pid=None, host=None, heartbeat_at=None, announced_at=None)
             return self._load(db, job.id)
+
+    # --- announcing ends --------------------------------------------------------------------------
+
+    def unannounced(self, channel: str, owner: str | None = None, limit: int = 20) -> list[Job]:
+        """Ended jobs (succeeded, failed, cancelled, interrupted) launched from ``channel`` (of ``owner``, or
+        anyone's) whose end has not been announced yet, oldest first. Take each with :meth:`mark_announced`."""
+        params: dict[str, Any] = {"channel": channel, "limit": max(1, min(int(limit), 500))}
+        statement = sql.UNANNOUNCED
+        if owner is not None:
+            statement, params["owner"] = sql.UNANNOUNCED_OF_OWNER, check_owner(owner)
+        with self._db.transaction() as db:
+            return [self._build(db, row) for row in db.execute(statement, params).fetchall()]
+
+    def mark_announced(self, job_id: str) -> bool:
+        """Take the announcement of ``job_id``'s end: ``True`` for exactly one caller (so two bot processes
+        never both announce it), ``False`` when someone already has."""
+        with self._db.transaction(write=True) as db:
+            row = db.execute(sql.MARK_ANNOUNCED, {"id": normalize_job_id(job_id), "now": self._clock()}).fetchone()
+            return row is not None
 
     # --- the worker's side -----------------------------------------------------------------------
 
@@ -186,7 +243,8 @@ class JobStore:
         ``worker_id`` in this process on this host, with a fresh heartbeat. Exclusive across processes."""
         now = self._clock()
         with self._db.transaction(write=True) as db:
-            row = db.execute(sql.CLAIM_CANDIDATE, {"backend": backend}).fetchone()
+            row = db.execute(sql.locked(sql.CLAIM_CANDIDATE, self._dialect, skip_locked=True),
+                             {"backend": backend}).fetchone()
             if row is None:
                 return None
             job = self._build(db, row)
@@ -203,7 +261,7 @@ class JobStore:
         ``cancel_requested``; raises :class:`JobStateError` when the worker no longer holds it."""
         now = self._clock()
         with self._db.transaction(write=True) as db:
-            job = _held_by(self._load(db, job_id), worker_id)
+            job = _held_by(self._load(db, job_id, lock=True), worker_id)
             changes: dict[str, Any] = {"heartbeat_at": now}
             if pid is not None:
                 changes["pid"] = int(pid)
@@ -216,7 +274,7 @@ class JobStore:
         """Record the job's latest progress line (step, total, loss, lr, tokens/s, ETA, …)."""
         text = json_text(progress, "progress")
         with self._db.transaction(write=True) as db:
-            self._update(db, self._load(db, job_id).number, progress=text)
+            self._update(db, self._load(db, job_id, lock=True).number, progress=text)
 
     def finish(self, job_id: str, status: str, *, error: str | None = None, artifacts: dict | None = None,
                summary: dict | None = None, note: str | None = None, worker_id: str | None = None) -> Job:
@@ -231,7 +289,7 @@ class JobStore:
         if summary is not None:
             changes["summary"] = json_text(summary, "summary")
         with self._db.transaction(write=True) as db:
-            job = self._load(db, job_id)
+            job = self._load(db, job_id, lock=True)
             if worker_id is not None:
                 _held_by(job, worker_id)
             if job.status == "queued":  # only a run can finish; a queued job is cancelled with request_cancel
@@ -249,7 +307,7 @@ class JobStore:
         host = socket.gethostname()
         reaped = []
         with self._db.transaction(write=True) as db:
-            for row in db.execute(sql.ACTIVE_JOBS).fetchall():
+            for row in db.execute(sql.locked(sql.ACTIVE_JOBS, self._dialect)).fetchall():
                 job = self._build(db, row)
                 reason = _stale_reason(job, now, timeout_s, host)
                 if reason:
@@ -259,33 +317,37 @@ class JobStore:
 
     # --- internals -----------------------------------------------------------------------------
 
-    def _build(self, db: sqlite3.Connection, row: sqlite3.Row) -> Job:
+    # ``db`` is what a transaction yields: a sqlite3.Connection, or the Postgres session with the same ``execute``.
+
+    def _build(self, db: Any, row: Any) -> Job:
         return Job.from_row(row, db.execute(sql.SELECT_HISTORY, {"number": row["number"]}).fetchall())
 
-    def _load(self, db: sqlite3.Connection, job_id: str) -> Job:
+    def _load(self, db: Any, job_id: str, *, lock: bool = False) -> Job:
+        """The job; with ``lock`` (in a write transaction that will change it), its row stays locked until commit."""
         job_id = normalize_job_id(job_id)
-        row = db.execute(sql.SELECT_JOB, {"id": job_id}).fetchone()
+        statement = sql.locked(sql.SELECT_JOB, self._dialect) if lock else sql.SELECT_JOB
+        row = db.execute(statement, {"id": job_id}).fetchone()
         if row is None:
             raise JobNotFound(job_id)
         return self._build(db, row)
 
-    def _visible(self, db: sqlite3.Connection, job_id: str, owner: str | None, admin: bool) -> Job:
+    def _visible(self, db: Any, job_id: str, owner: str | None, admin: bool, *, lock: bool = False) -> Job:
         if owner is None and not admin:
             raise ValueError("say whose job this is: pass owner=… (or admin=True)")
-        job = self._load(db, job_id)
+        job = self._load(db, job_id, lock=lock)
         if not admin and job.owner != owner:
             raise JobNotFound(job.id)  # exactly what a missing job says: no hint that it exists
         return job
 
-    def _move(self, db: sqlite3.Connection, job: Job, status: str, now: float, note: str, **changes: Any) -> None:
+    def _move(self, db: Any, job: Job, status: str, now: float, note: str, **changes: Any) -> None:
         check_transition(job.id, job.status, status)
         self._update(db, job.number, status=status, **changes)
         self._note(db, job.number, status, now, note)
 
-    def _update(self, db: sqlite3.Connection, number: int, **changes: Any) -> None:
+    def _update(self, db: Any, number: int, **changes: Any) -> None:
         db.execute(sql.update_job(list(changes)), {**changes, "number": number})
 
-    def _note(self, db: sqlite3.Connection, number: int, status: str, now: float, note: str) -> None:
+    def _note(self, db: Any, number: int, status: str, now: float, note: str) -> None:
         db.execute(sql.APPEND_HISTORY, {"number": number, "status": status, "at": now, "note": note})
 
 

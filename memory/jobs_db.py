@@ -1,8 +1,15 @@
-"""The job store's SQLite connection, opened carefully: integrity check, WAL, busy timeout, schema set-up,
-and transactions that turn any SQLite failure into a clear :class:`~memory.checkpoints.StoreError`.
+"""The job store's database connection, SQLite or PostgreSQL, behind the same three members: ``dialect``,
+``transaction(write=…)`` (yields something with ``execute(statement, params)`` whose rows read by column
+name) and ``close()``. Both set the schema up on first use and turn any database failure into a clear
+:class:`~memory.checkpoints.StoreError`.
 
-A Postgres connection with the same two methods (``transaction``, ``close``) is what a Postgres job store
-would swap in; the statements themselves are in :mod:`memory.jobs_sql`.
+- :class:`SqliteJobsDB`: integrity check, WAL, busy timeout; a write transaction is ``BEGIN IMMEDIATE``.
+- :class:`PostgresJobsDB`: psycopg 3 (imported only here, only when a ``postgresql://`` URL is used); a write
+  transaction is ``READ COMMITTED`` whose job rows are locked as they are read (see :func:`memory.jobs_sql.locked`),
+  a read one ``REPEATABLE READ READ ONLY``; the schema is created under a transaction-scoped advisory lock, so
+  several processes starting at once on an empty database do not trip over each other.
+
+The statements themselves are in :mod:`memory.jobs_sql`.
 """
 
 from __future__ import annotations
@@ -12,13 +19,19 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from memory import jobs_sql as sql
+from memory import pg
 from memory.checkpoints import LOCK_TIMEOUT_S, StoreError, describe_sqlite_error
+
+SCHEMA_LOCK = pg.advisory_key("stackwise.jobs.schema")
 
 
 class SqliteJobsDB:
     """One SQLite connection to ``path`` (created if missing), shared by threads under a lock."""
+
+    dialect = sql.SQLITE
 
     def __init__(self, path: Path, *, lock_timeout_s: float = LOCK_TIMEOUT_S):
         self.path = path
@@ -72,7 +85,9 @@ class SqliteJobsDB:
                 conn.execute(statement)
             conn.execute(sql.SEED_META, {"name": "schema_version", "value": sql.SCHEMA_VERSION})
             conn.execute(sql.SEED_META, {"name": "last_job_number", "value": 0})
-            version = conn.execute(sql.SELECT_META, {"name": "schema_version"}).fetchone()[0]
+            version = conn.execute(sql.SELECT_META, {"name": "schema_version"}).fetchone()["value"]
+            if version < sql.SCHEMA_VERSION:
+                version = sql.upgrade(conn.execute, version)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if conn is not None:
@@ -83,3 +98,118 @@ class SqliteJobsDB:
             raise StoreError(f"The job database {self.path} was written by a newer stackwise (schema {version}); "
                              "upgrade stackwise to use it. Nothing was changed.")
         return conn
+
+
+class PostgresJobsDB:
+    """One psycopg connection to the database at ``url``, shared by threads under a lock; reconnects on the
+    next transaction when the server dropped it."""
+
+    dialect = sql.POSTGRES
+
+    def __init__(self, url: str, *, lock_timeout_s: float = LOCK_TIMEOUT_S):
+        self.url = url
+        self.where = pg.describe(url)
+        self._psycopg = pg.require()
+        self._lock_timeout_s = lock_timeout_s
+        self._lock = threading.RLock()
+        self._conn = self._connect()
+        try:
+            self._set_up_schema()
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    @contextmanager
+    def transaction(self, *, write: bool = False) -> Iterator[_PgSession]:
+        """One transaction: ``READ COMMITTED`` for writes (the store locks the job rows it is about to change),
+        a ``REPEATABLE READ READ ONLY`` snapshot for a consistent read. When the server dropped the connection
+        (a restart, an idle timeout), it is opened again before anything is done."""
+        begin = "BEGIN" if write else "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+        errors = self._psycopg.Error
+        with self._lock:
+            try:
+                if self._conn.closed or self._conn.broken:
+                    self._reconnect()
+                try:
+                    self._conn.execute(begin)
+                except self._psycopg.OperationalError:  # found dead only now; nothing was done yet
+                    self._reconnect()
+                    self._conn.execute(begin)
+            except errors as exc:
+                raise StoreError(self.describe(exc)) from None
+            try:
+                yield _PgSession(self._conn)
+            except BaseException as exc:
+                self._rollback()
+                if isinstance(exc, errors):
+                    raise StoreError(self.describe(exc)) from None
+                raise
+            try:
+                self._conn.execute("COMMIT")
+            except errors as exc:
+                self._rollback()
+                raise StoreError(self.describe(exc)) from None
+
+    def describe(self, exc: BaseException) -> str:
+        """What went wrong with the server, and what to do about it (never the password)."""
+        errors = self._psycopg.errors
+        reason = pg.error_text(exc, self.url)
+        if isinstance(exc, errors.LockNotAvailable):
+            return (f"The job database at {self.where} is locked by another process (waited "
+                    f"{self._lock_timeout_s:g} s). Try again; nothing was changed.")
+        if isinstance(exc, self._psycopg.OperationalError):
+            return (f"The job database at {self.where} cannot be used: {reason}. Check that the server is running "
+                    "and reachable; nothing was changed.")
+        return f"The job database at {self.where} failed: {reason}. Nothing was changed."
+
+    def _connect(self) -> Any:
+        conn = pg.connect(self.url, what="job database", row_factory=self._psycopg.rows.dict_row)
+        try:
+            ms = max(1, round(self._lock_timeout_s * 1000))
+            conn.execute("SELECT set_config('lock_timeout', %s, false)", [f"{ms}ms"])
+        except self._psycopg.Error as exc:
+            conn.close()
+            raise StoreError(self.describe(exc)) from None
+        return conn
+
+    def _reconnect(self) -> None:
+        self._conn.close()
+        self._conn = self._connect()
+
+    def _rollback(self) -> None:
+        try:
+            self._conn.execute("ROLLBACK")
+        except self._psycopg.Error:
+            pass  # a dropped connection has no transaction left to roll back; the next one reconnects
+
+    def _set_up_schema(self) -> None:
+        with self.transaction(write=True) as db:
+            db.execute("SELECT pg_advisory_xact_lock(:key)", {"key": SCHEMA_LOCK})
+            for statement in sql.SCHEMA:
+                db.execute(statement)
+            db.execute(sql.SEED_META, {"name": "schema_version", "value": sql.SCHEMA_VERSION})
+            db.execute(sql.SEED_META, {"name": "last_job_number", "value": 0})
+            version = db.execute(sql.SELECT_META, {"name": "schema_version"}).fetchone()["value"]
+            if version < sql.SCHEMA_VERSION:
+                version = sql.upgrade(db.execute, version)
+        if version > sql.SCHEMA_VERSION:
+            raise StoreError(f"The job database at {self.where} was written by a newer stackwise (schema {version}); "
+                             "upgrade stackwise to use it. Nothing was changed.")
+
+
+class _PgSession:
+    """The connection as the store sees it inside a transaction: ``execute`` takes ``:param`` statements.
+    Postgres text cannot hold NUL characters (SQLite's can): one in a value (say, an error copied from a
+    crashed run's log) is stored as U+FFFD instead of failing the write."""
+
+    def __init__(self, conn: Any):
+        self._conn = conn
+
+    def execute(self, statement: str, params: dict[str, Any] | None = None) -> Any:
+        if params:
+            params = {k: v.replace("\x00", "\ufffd") if isinstance(v, str) else v for k, v in params.items()}
+        return self._conn.execute(sql.placeholders(statement, sql.POSTGRES), params)

@@ -140,6 +140,8 @@ class Job:
     backend_ref: str | None = None
     cancel_requested: bool = False
     attempts: int = 0
+    origin: dict[str, Any] | None = None       # where it was launched: {"channel", "thread_id", "lang", …}
+    announced_at: float | None = None          # when its end was announced there
 
     @property
     def number(self) -> int:
@@ -169,6 +171,7 @@ class Job:
             worker=row["worker"], worker_pid=row["worker_pid"], pid=row["pid"], host=row["host"],
             backend=row["backend"], backend_ref=row["backend_ref"],
             cancel_requested=bool(row["cancel_requested"]), attempts=row["attempts"],
+            origin=_json(row["origin"]), announced_at=row["announced_at"],
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -184,6 +187,7 @@ class Job:
             "worker": self.worker, "worker_pid": self.worker_pid, "pid": self.pid, "host": self.host,
             "backend": self.backend, "backend_ref": self.backend_ref,
             "cancel_requested": self.cancel_requested, "attempts": self.attempts,
+            "origin": _copy(self.origin), "announced_at": iso(self.announced_at),
         }
 
 

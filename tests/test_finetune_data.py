@@ -396,3 +396,18 @@ def test_preflight_of_10k_rows_is_quick(tmp_path, tiny, tok):
     assert result["rows"]["total"] == 10_000 and result["tokens"]["sampled_rows"] is None
     assert result["training"]["total_steps"] == math.ceil(9_500 / 4)
     assert elapsed <= 10, f"preflight of 10,000 rows took {elapsed:.1f} s"
+
+
+def test_prompts_that_fill_max_seq_len_leave_nothing_to_learn(tok):
+    # estimate mode: 2n + 2n characters → n tokens; prompt "ab" * n → n / 2 tokens
+    short = [{"prompt": "ab" * 8, "completion": "abcd" * 4} for _ in range(60)]            # prompt 4 tokens
+    long = [{"prompt": "ab" * 80, "completion": "abcd" * 4} for _ in range(60)]            # prompt 40 tokens
+    none_left = preflight(spec(max_seq_len=32), {"train": long, "eval": []}, None, None, None)
+    assert not none_left["ok"] and none_left["tokens"]["rows_no_room"] == 60
+    assert any(w["code"] == "no_room" and w["level"] == "error" and "raise max_seq_len" in w["message"]
+               for w in none_left["warnings"])
+    some = preflight(spec(max_seq_len=32), {"train": short + long[:10], "eval": []}, None, None, None)
+    assert some["ok"] and some["tokens"]["rows_no_room"] == 10
+    assert [w["level"] for w in some["warnings"] if w["code"] == "no_room"] == ["warning"]
+    fine = preflight(spec(max_seq_len=32), {"train": short, "eval": []}, None, None, None)
+    assert "no_room" not in {w["code"] for w in fine["warnings"]}

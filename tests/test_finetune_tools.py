@@ -302,3 +302,25 @@ def test_hub_ids_resolve_from_the_local_cache_only(cwd, tmp_path, stackwise_home
     with pytest.raises(ToolError) as err:
         resolve_model("/etc", ctx)
     assert err.value.type == "forbidden_path"
+
+
+def test_the_toolbox_tells_launches_the_workers_gpu_and_the_job_database(stackwise_home, monkeypatch):
+    from agent.settings import Settings
+    from agent.toolbox import Toolbox
+
+    def extras(**env) -> dict:
+        settings = Settings.from_env({"STACKWISE_HOME": str(stackwise_home), **env})
+        return Toolbox(settings).context("alice").extras
+
+    probes = []
+    monkeypatch.setattr("agent.toolbox.local_gpu", lambda: probes.append(1) or {"name": "H200", "memory_gb": 139.8})
+    auto = extras()
+    assert probes == [] and callable(auto["worker_gpu"])          # probing waits until a launch needs it
+    assert auto["worker_gpu"]() == auto["worker_gpu"]() == {"name": "H200", "memory_gb": 139.8} and probes == [1]
+    assert extras(STACKWISE_WORKER_GPU="none") == {"worker_gpu": None}
+    assert extras(STACKWISE_WORKER_GPU="RTX 4090:24")["worker_gpu"] == {"name": "RTX 4090", "memory_gb": 24.0}
+    assert extras(STACKWISE_WORKER_GPU="unknown") == {}
+    assert extras(STACKWISE_JOB_BACKEND="ray") == {}               # ray workers are other machines
+    assert extras(STACKWISE_JOB_BACKEND="ray", STACKWISE_WORKER_GPU="A100:80")["worker_gpu"]["memory_gb"] == 80
+    url = "postgresql://sw@127.0.0.1:5/jobs"
+    assert extras(STACKWISE_DATABASE_URL=url, STACKWISE_WORKER_GPU="unknown") == {"database_url": url}

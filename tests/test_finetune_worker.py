@@ -25,7 +25,6 @@ pytest.importorskip("peft")
 
 from agent.jobs import JobsError, JobsService  # noqa: E402
 from agent.settings import Settings  # noqa: E402
-from bots.cli import LATER  # noqa: E402
 from bots.jobs_commands import add_jobs_parsers, cmd_jobs  # noqa: E402
 from memory.jobs import JobStore, pid_alive  # noqa: E402
 from tools.finetune.backends import LocalBackend  # noqa: E402
@@ -134,6 +133,22 @@ def test_a_queued_job_runs_to_succeeded_with_progress_and_artifacts(tiny, stackw
     assert "--- " in (run_dir / "worker.log").read_text()
     assert "succeeded: 6 steps" in (run_dir / "train.log").read_text()
     assert [h.status for h in job.history] == ["queued", "running", "succeeded"]
+
+
+def test_the_trainer_finds_the_project_without_an_installed_package(tiny, stackwise_home, store, tmp_path,
+                                                                    monkeypatch):
+    # Run from a checkout (no pip install): the trainer's `-m tools.finetune.train` in the run directory
+    # must still import the project, so the backend puts the project first on PYTHONPATH.
+    fake_python = tmp_path / "python"
+    fake_python.write_text('#!/bin/sh\nprintf %s "$PYTHONPATH" > pythonpath.txt\nexit 1\n')
+    fake_python.chmod(0o755)
+    monkeypatch.setenv("PYTHONPATH", "/opt/extra")
+    job_id = queue(store, stackwise_home, tiny, max_steps=1)
+    with Worker(stackwise_home, backend=LocalBackend(python=str(fake_python)), **FAST) as worker:
+        worker.run(drain=True)
+    run_dir = Path(store.get(job_id, owner="alice").run_dir)
+    root = str(Path(__file__).resolve().parents[1])
+    assert (run_dir / "pythonpath.txt").read_text().split(os.pathsep) == [root, "/opt/extra"]
 
 
 def test_drain_with_an_empty_queue_exits_at_once(stackwise_home):
@@ -320,7 +335,6 @@ def test_jobs_commands_list_show_logs_cancel_resume(tiny, stackwise_home, store,
     assert "job ids look like ft-12" in capsys.readouterr().err
 
 
-@pytest.mark.skipif("jobs" in LATER, reason="`stackwise jobs` is not wired into bots/cli.py yet")
 def test_stackwise_jobs_list_json_through_the_installed_command(tiny, stackwise_home, store, stackwise_bin, cli_env):
     job_id = queue(store, stackwise_home, tiny, owner="carol")
     proc = subprocess.run([stackwise_bin, "jobs", "list", "--user", "carol", "--json"], env=cli_env,

@@ -397,3 +397,30 @@ def test_a_locked_file_is_a_clear_error(stackwise_home):
         finally:
             holder.close()
         assert new(store) == "ft-1"  # nothing half-done was left behind
+
+
+# --- schema upgrades -------------------------------------------------------------------------------
+
+
+def test_a_schema_1_database_is_upgraded_in_place_and_keeps_its_jobs(stackwise_home):
+    with JobStore.for_home(stackwise_home) as s:
+        old = new(s)
+    path = stackwise_home / "jobs.sqlite"
+    with sqlite3.connect(path) as conn:     # what a database written before job origins looks like
+        for column in ("origin", "origin_channel", "announced_at"):
+            conn.execute(f"ALTER TABLE jobs DROP COLUMN {column}")
+        conn.execute("UPDATE job_meta SET value = 1 WHERE name = 'schema_version'")
+    with JobStore.for_home(stackwise_home) as s:
+        job = s.get(old, owner="alice")
+        assert job.origin is None and job.announced_at is None and statuses(job) == ["queued"]
+        launched = s.create("alice", SPEC, PREFLIGHT, "/runs/a", origin={"channel": "slack", "thread_id": "C1/1"})
+        assert s.get(launched.id, owner="alice").origin == {"channel": "slack", "thread_id": "C1/1"}
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT value FROM job_meta WHERE name = 'schema_version'").fetchone() == (2,)
+
+
+def test_an_origin_must_name_its_channel(store):
+    for origin in ({}, {"thread_id": "t"}, {"channel": ""}, {"channel": 3}):
+        with pytest.raises(ValueError, match="names its channel"):
+            store.create("alice", SPEC, PREFLIGHT, "/runs/a", origin=origin)
+    assert store.list("alice") == []

@@ -141,7 +141,8 @@ def test_bad_input_is_one_clear_line_and_the_repl_goes_on(chat):
     assert "control character" in shown
     assert "Traceback" not in shown
     assert "/help" in say(child, "/frobnicate")
-    assert "later version" in say(child, "/jobs")
+    assert "later version" in say(child, "/memory")
+    assert "no fine-tune jobs yet" in say(child, "/jobs")
     assert say(child, "   ").strip() == ""  # a blank line is no turn
     child.send("half a thought")
     child.expect("thought")  # echoed: readline has the line

@@ -152,11 +152,30 @@ def test_describe_documents_every_field():
 
 def test_every_described_env_var_is_honoured(workdir, tmp_path):
     values = {"home": str(tmp_path / "h"), "brain": "llm", "data_roots": str(tmp_path),
-              "max_message_chars": "42", "router_threshold": "0.3"}
+              "max_message_chars": "42", "router_threshold": "0.3", "job_backend": "ray",
+              "worker_gpu": "A100:80", "ray_num_gpus": "0", "llm_timeout_s": "5", "llm_max_steps": "2",
+              "keep_checkpoints": "3", "thread_max_idle_days": "0"}
     for d in Settings.describe():
         raw = values.get(d["name"], "x-" + d["name"])
         s = Settings.from_env({d["env"]: raw})
         assert getattr(s, d["name"]) != getattr(Settings.from_env({}), d["name"]), d["env"]
+
+
+@pytest.mark.parametrize(("raw", "message"), [("STACKWISE_JOB_BACKEND", "slurm"), ("STACKWISE_WORKER_GPU", "big")])
+def test_job_settings_with_unusable_values_say_which(workdir, raw, message):
+    with pytest.raises(SettingsError, match=raw.removeprefix("STACKWISE_").lower()):
+        Settings.from_env({raw: message})
+
+
+def test_worker_gpu_forms(workdir):
+    from agent.settings import parse_worker_gpu
+
+    assert parse_worker_gpu("none") == ("none", None)
+    assert parse_worker_gpu("Auto") == ("auto", None)
+    assert parse_worker_gpu(" NVIDIA H200 : 139 ") == ("given", {"name": "NVIDIA H200", "memory_gb": 139.0})
+    for bad in ("H200", ":80", "H200:0", "H200:-3", "H200:lots"):
+        with pytest.raises(SettingsError, match="NAME:GB"):
+            parse_worker_gpu(bad)
 
 
 def test_the_api_key_is_not_shown_in_repr(workdir):

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
+import hashlib
 import importlib.util
 import logging
 import os
@@ -121,6 +123,15 @@ def run_logs(run_dir: str | Path, tail: int) -> str:
     return "\n\n".join(parts)
 
 
+def project_pythonpath(env: Mapping[str, str] | None = None) -> str:
+    """``PYTHONPATH`` for a local trainer process: the folder this code runs from first, so
+    ``-m tools.finetune.train`` is found when stackwise runs from a checkout rather than an installed package
+    (the trainer's working directory is its run directory), then whatever ``PYTHONPATH`` held already."""
+    root = str(Path(__file__).resolve().parents[2])
+    before = (env or {}).get("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
+    return os.pathsep.join([root, *(p for p in before.split(os.pathsep) if p and p != root)])
+
+
 class LocalBackend:
     """Runs the trainer as a subprocess of this worker, in its own process group, output appended to
     ``RUN/worker.log``. On Linux the trainer gets SIGTERM when the worker dies (even by kill -9), so it
@@ -148,7 +159,7 @@ class LocalBackend:
         if not RunPaths(run_dir).spec.is_file():
             raise BackendError(f"the run directory {run_dir} has no spec.json")
         command = self.command(job)
-        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1", "PYTHONPATH": project_pythonpath(self.env)}
         stamp = datetime.now(UTC).isoformat(timespec="seconds")
         try:
             with RunPaths(run_dir).worker_log.open("ab") as out:
@@ -209,104 +220,230 @@ def _parent_death_signal() -> Callable[[], None] | None:
 
 
 class RayBackend:
-    """Submits the trainer as a Ray job (``ray.job_submission.JobSubmissionClient``) to a cluster whose
-    workers see the same run directories (a shared filesystem) and have stackwise installed.
+    """Submits the trainer as a Ray job (``ray.job_submission.JobSubmissionClient``) to a cluster whose nodes
+    see the same run directories (a shared filesystem) and can import stackwise (installed there, or
+    ``project_dir`` on their ``PYTHONPATH``).
 
-    The submission id is ``stackwise-<job id>-<attempt>``: submitting an attempt twice attaches to the first
-    submission, and a resumed job gets a new one (after any earlier attempt still alive is stopped)."""
+    - **submit**: the entry point is ``cd RUN && exec PYTHON -m tools.finetune.train RUN [--resume]`` (the
+      same command and working directory as the local backend; ``exec`` so that Ray's SIGTERM reaches the
+      trainer itself), with ``entrypoint_num_gpus`` and a runtime env of environment variables only — nothing
+      is uploaded. The submission id is :meth:`submission_id`, fixed per job *attempt*: starting an attempt
+      that Ray already has attaches to that submission instead of starting a second run, and a resumed job
+      (the next attempt) gets a new one, after any earlier attempt still alive has been stopped.
+    - **status**: Ray's ``PENDING``/``RUNNING`` is "still running"; ``SUCCEEDED`` is 0, ``STOPPED`` 3
+      (cancelled), ``FAILED`` the trainer's exit code (1 when it never ran). The worker decides the job's
+      outcome from ``RUN/summary.json`` first, as for a local run.
+    - **stop**: Ray sends SIGTERM (the trainer saves a checkpoint and exits), then SIGKILL once
+      ``stop_grace_s`` have passed — a setting of the submission, so a shorter ``grace_s`` given to
+      :meth:`stop` (even 0, "now") cannot shorten it. A stop Ray could not deliver yet (the job still
+      pending, the head unreachable for a moment) is sent again by the next :meth:`poll`.
+    - **logs**: Ray's log of the job (the trainer's stdout and stderr). When a run ends, that log is also
+      appended to ``RUN/worker.log`` (as the local backend writes it), so the run directory keeps it and a
+      run that failed without a summary fails with the end of it.
+
+    Every request to the Ray dashboard gives up after ``timeout_s``; failures are :class:`BackendError`.
+    """
 
     name = "ray"
+    ENDED = frozenset({"SUCCEEDED", "STOPPED", "FAILED"})
+    COPIED_LOG_LINES = 2000
 
-    def __init__(self, address: str | None = None, *, num_gpus: float = 1, python: str = "python",
-                 env: Mapping[str, str] | None = None, stop_grace_s: float = 120, client: Any = None):
+    def __init__(self, address: str | None = None, *, num_gpus: float = 1, num_cpus: float | None = None,
+                 python: str = "python", project_dir: str | Path | None = None, home: str | Path | None = None,
+                 threads: int | None = None, env: Mapping[str, str] | None = None, stop_grace_s: float = 120,
+                 timeout_s: float = 30, client: Any = None):
         """``address``: the Ray dashboard (``http://head:8265``); ``None`` lets Ray find it (``RAY_ADDRESS``).
-        ``stop_grace_s`` is how long Ray waits after SIGTERM before SIGKILL (set when the job is submitted).
+
+        ``num_gpus`` is the ``entrypoint_num_gpus`` of every submission: the GPUs Ray reserves for the trainer
+        (and shows it in ``CUDA_VISIBLE_DEVICES``). 1 suits a real cluster; it must be 0 on a cluster without
+        GPUs (a CPU-only head, tiny models, tests), because Ray keeps a job that asks for a GPU nobody has
+        pending until its start timeout. ``num_cpus`` is ``entrypoint_num_cpus`` (``None``: Ray's default, 0).
+        ``python``: the interpreter on the cluster that has stackwise and the training libraries.
+        ``project_dir``: a stackwise checkout put on the trainer's ``PYTHONPATH`` (where it is not installed).
+        ``home``: ``STACKWISE_HOME`` for the trainer. ``threads``: its OMP/MKL/OpenBLAS threads.
+        ``env``: more environment variables for it. ``stop_grace_s``: how long Ray waits after SIGTERM before
+        SIGKILL. ``timeout_s``: how long one request to the dashboard may take.
         ``client``: a ready ``JobSubmissionClient`` (or a stand-in with its methods)."""
         if client is None and importlib.util.find_spec("ray") is None:
             raise BackendError(RAY_MISSING)
         self.address = address
         self.num_gpus = num_gpus
+        self.num_cpus = num_cpus
         self.python = python
-        self.env = {"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
         self.stop_grace_s = stop_grace_s
+        self.timeout_s = timeout_s
+        self.env = {"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        if threads is not None:
+            for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+                self.env[var] = str(int(threads))
+        if home is not None:
+            self.env["STACKWISE_HOME"] = str(Path(home).expanduser().resolve())
+        if project_dir is not None:
+            self.env["PYTHONPATH"] = str(Path(project_dir).expanduser().resolve())
+        self.env.update({str(k): str(v) for k, v in (env or {}).items()})
         self._client = client
+        self._errors: tuple[type[BaseException], ...] = (OSError, RuntimeError, ValueError)
+        self._ended: set[str] = set()  # submissions whose end (and log) went into their worker.log
+
+    @property
+    def where(self) -> str:
+        return f"the Ray cluster at {self.address or '$RAY_ADDRESS'}"
 
     @staticmethod
-    def submission_id(job: Job) -> str:
-        return f"stackwise-{job.id}-{max(job.attempts, 1)}"
+    def submission_id(job: Job, attempt: int | None = None) -> str:
+        """``stackwise-<job id>-<attempt>-<run dir digest>``: one per attempt of the job. The digest of the run
+        directory keeps apart the ``ft-1`` of two stackwise homes that submit to one cluster."""
+        digest = hashlib.sha256(str(job.run_dir).encode()).hexdigest()[:10]
+        return f"stackwise-{job.id}-{attempt or max(job.attempts, 1)}-{digest}"
+
+    def entrypoint(self, job: Job) -> str:
+        """The shell command Ray runs for ``job``."""
+        return f"cd {shlex.quote(str(job.run_dir))} && exec {shlex.join(train_command(self.python, job))}"
+
+    def runtime_env(self) -> dict[str, Any]:
+        return {"env_vars": {**self.env, "RAY_JOB_STOP_WAIT_TIME_S": str(max(1, round(self.stop_grace_s)))}}
 
     def client(self) -> Any:
         """The ``JobSubmissionClient``, connected on first use."""
         if self._client is None:
             try:
-                from ray.job_submission import JobSubmissionClient
+                cls = _timed_client_class()
+                from ray.exceptions import RayError
             except ImportError as exc:
                 raise BackendError(RAY_MISSING) from exc
+            self._errors = (OSError, RuntimeError, ValueError, RayError)
             try:
-                self._client = JobSubmissionClient(self.address)
-            except (ConnectionError, RuntimeError, ValueError) as exc:
-                raise BackendError(f"cannot reach the Ray cluster at {self.address or 'RAY_ADDRESS'}: {exc}") from exc
+                self._client = cls(self.address, self.timeout_s)
+            except self._errors as exc:
+                raise BackendError(f"cannot reach {self.where}: {exc} (STACKWISE_RAY_ADDRESS is the address of "
+                                   "the Ray dashboard, such as http://head:8265)") from exc
         return self._client
 
     def start(self, job: Job) -> RunHandle:
-        client = self.client()
+        run_dir = Path(job.run_dir)
+        if not RunPaths(run_dir).spec.is_file():
+            raise BackendError(f"the run directory {run_dir} has no spec.json")
         self._stop_earlier_attempts(job)
         sid = self.submission_id(job)
-        env = {**self.env, "RAY_JOB_STOP_WAIT_TIME_S": str(int(self.stop_grace_s))}
-        try:
-            client.submit_job(entrypoint=shlex.join(train_command(self.python, job)), submission_id=sid,
-                              entrypoint_num_gpus=self.num_gpus, runtime_env={"env_vars": env},
-                              metadata={"stackwise_job": job.id, "owner": job.owner})
-            log.info("%s: submitted to Ray as %s", job.id, sid)
-        except (RuntimeError, ValueError) as exc:
-            if "already exists" not in str(exc):
-                raise BackendError(f"Ray refused the job: {exc}") from exc
-            log.info("%s: Ray already has %s; attaching to it", job.id, sid)
-        return RunHandle(job.id, Path(job.run_dir), ref=sid)
+        entrypoint = self.entrypoint(job)
+        found = self._find(sid)
+        if found is None:
+            try:
+                self._call("submit", self.client().submit_job, entrypoint=entrypoint, submission_id=sid,
+                           entrypoint_num_gpus=self.num_gpus, entrypoint_num_cpus=self.num_cpus,
+                           runtime_env=self.runtime_env(),
+                           metadata={"stackwise_job": job.id, "owner": job.owner, "run_dir": str(run_dir),
+                                     "attempt": str(max(job.attempts, 1))})
+                what = f"submitted to {self.where} as {sid} (entrypoint_num_gpus={self.num_gpus}): {entrypoint}"
+            except BackendError as exc:
+                found = self._find(sid) if "already exists" in str(exc) else None
+                if found is None:  # else a submission that raced this one: the same run
+                    raise
+        if found is not None:
+            if (found.metadata or {}).get("run_dir", str(run_dir)) != str(run_dir):
+                raise BackendError(f"{self.where} already has a job {sid} for another run directory "
+                                   f"({found.metadata['run_dir']})")
+            what = f"attached to the Ray job {sid} that {self.where} already has ({_status_name(found.status)})"
+        log.info("%s: %s", job.id, what)
+        stamp = datetime.now(UTC).isoformat(timespec="seconds")
+        _append(RunPaths(run_dir).worker_log, f"--- {stamp} {job.id} attempt {max(job.attempts, 1)}: {what}\n")
+        return RunHandle(job.id, run_dir, ref=sid)
 
     def poll(self, handle: RunHandle) -> int | None:
-        client = self.client()
-        status = _status_name(client.get_job_status(handle.ref))
-        if status in ("PENDING", "RUNNING"):
-            if handle.kill_at is not None and time.monotonic() >= handle.kill_at:
-                handle.kill_at = None
-                client.stop_job(handle.ref)  # Ray sends SIGKILL itself after RAY_JOB_STOP_WAIT_TIME_S
+        info = self._call("status", self.client().get_job_info, handle.ref)
+        status = _status_name(info.status)
+        if status not in self.ENDED:  # PENDING, RUNNING (or a state newer than this code)
+            if handle.kill_at is not None and not handle.stop_sent:
+                self._send_stop(handle)
             return None
         if status == "SUCCEEDED":
-            return EXIT_OK
-        if status == "STOPPED":
-            return EXIT_CANCELLED
-        code = getattr(client.get_job_info(handle.ref), "driver_exit_code", None)
-        return code if isinstance(code, int) else EXIT_FAILED
+            code = EXIT_OK
+        elif status == "STOPPED":
+            code = EXIT_CANCELLED
+        else:
+            exit_code = getattr(info, "driver_exit_code", None)
+            code = exit_code if isinstance(exit_code, int) else EXIT_FAILED
+        self._record_end(handle, status, info)
+        return code
 
     def stop(self, handle: RunHandle, grace_s: float) -> None:
-        if not handle.stop_sent:
-            self.client().stop_job(handle.ref)
-            handle.stop_sent = True
+        """Ask Ray to stop the run (see the class: Ray's own ``stop_grace_s`` decides when it is killed)."""
         deadline = time.monotonic() + max(0.0, grace_s)
         handle.kill_at = deadline if handle.kill_at is None else min(handle.kill_at, deadline)
+        if not handle.stop_sent:
+            self._send_stop(handle)
 
     def logs(self, job: Job, tail: int = 50) -> str:
+        """The last ``tail`` lines of Ray's log of the job's current attempt."""
         sid = job.backend_ref or self.submission_id(job)
-        try:
-            text = self.client().get_job_logs(sid)
-        except RuntimeError as exc:
-            raise BackendError(f"Ray has no logs for {sid}: {exc}") from exc
+        text = self._call(f"the log of {sid}", self.client().get_job_logs, sid)
         return "\n".join(text.splitlines()[-tail:]) if tail > 0 else ""
 
-    def _stop_earlier_attempts(self, job: Job, wait_s: float = 60) -> None:
+    # --- internals ----------------------------------------------------------------------------------
+
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)``, its errors (HTTP, connection, timeout) as a :class:`BackendError`."""
+        try:
+            return fn(*args, **kwargs)
+        except self._errors as exc:
+            raise BackendError(f"{self.where}: {what} failed: {exc}") from exc
+
+    def _find(self, sid: str) -> Any:
+        """Ray's ``JobDetails`` of submission ``sid``, or ``None`` when Ray has none."""
+        try:
+            return self._call(f"looking up {sid}", self.client().get_job_info, sid)
+        except BackendError as exc:
+            if "status code 404" in str(exc) or "does not exist" in str(exc):
+                return None
+            raise
+
+    def _send_stop(self, handle: RunHandle) -> None:
+        """``stop_job``; ``stop_sent`` once Ray has taken it (or the run has ended anyway)."""
+        try:
+            if self._call(f"stopping {handle.ref}", self.client().stop_job, handle.ref):
+                handle.stop_sent = True
+                log.info("%s: asked Ray to stop %s", handle.job_id, handle.ref)
+                return
+            status = _status_name(self._call("status", self.client().get_job_status, handle.ref))
+        except BackendError as exc:
+            log.warning("%s: %s; trying again", handle.job_id, exc)
+            return
+        # False: Ray has no supervisor for it, because it has ended, or has not been scheduled yet (try again).
+        handle.stop_sent = status in self.ENDED
+
+    def _record_end(self, handle: RunHandle, status: str, info: Any) -> None:
+        """Append how the run ended and Ray's log of it to ``RUN/worker.log`` (once)."""
+        if handle.ref in self._ended:
+            return
+        self._ended.add(handle.ref)
+        try:
+            lines = self._call(f"the log of {handle.ref}", self.client().get_job_logs, handle.ref).splitlines()
+        except BackendError as exc:
+            lines = [f"(no log: {exc})"]
+        code = getattr(info, "driver_exit_code", None)
+        stamp = datetime.now(UTC).isoformat(timespec="seconds")
+        head = f"--- {stamp} the Ray job {handle.ref} ended {status}" + (f" (exit code {code})" if code is not None
+                                                                         else "")
+        message = (getattr(info, "message", None) or "").splitlines()[:1]
+        if status == "FAILED" and code is None and message:  # it never ran: Ray says why
+            head += f": {message[0]}"
+        _append(RunPaths(handle.run_dir).worker_log,
+                "\n".join([f"{head}; its log:", *lines[-self.COPIED_LOG_LINES:]]) + "\n")
+
+    def _stop_earlier_attempts(self, job: Job) -> None:
         """A resumed job must not train next to an earlier attempt that a lost worker left running."""
-        client = self.client()
-        for attempt in range(1, job.attempts):
-            sid = f"stackwise-{job.id}-{attempt}"
-            try:
-                if _status_name(client.get_job_status(sid)) not in ("PENDING", "RUNNING"):
-                    continue
-                client.stop_job(sid)
-            except RuntimeError:
-                continue  # never submitted
-            deadline = time.monotonic() + wait_s
-            while _status_name(client.get_job_status(sid)) in ("PENDING", "RUNNING") and time.monotonic() < deadline:
+        for attempt in range(1, max(job.attempts, 1)):
+            sid = self.submission_id(job, attempt)
+            found = self._find(sid)
+            if found is None or _status_name(found.status) in self.ENDED:
+                continue
+            log.warning("%s: attempt %d (%s) is still running on Ray; stopping it first", job.id, attempt, sid)
+            self._call(f"stopping {sid}", self.client().stop_job, sid)
+            deadline = time.monotonic() + self.stop_grace_s + 30
+            while _status_name(self._call("status", self.client().get_job_status, sid)) not in self.ENDED:
+                if time.monotonic() > deadline:
+                    raise BackendError(f"attempt {attempt} of {job.id} ({sid}) is still running on Ray and does "
+                                       "not stop; not starting another run next to it")
                 time.sleep(1)
 
 
@@ -315,12 +452,42 @@ def _status_name(status: Any) -> str:
     return str(getattr(status, "value", status)).upper()
 
 
+def _append(path: Path, text: str) -> None:
+    """Append to a run's ``worker.log``; a run directory that cannot be written is logged, not raised."""
+    try:
+        with path.open("a", encoding="utf-8") as out:
+            out.write(text)
+    except OSError as exc:
+        log.warning("cannot write %s: %s", path, exc)
+
+
+@functools.cache
+def _timed_client_class() -> type:
+    """``JobSubmissionClient`` whose requests give up after ``timeout_s``: the SDK's own have no timeout, so a
+    head that accepts connections but does not answer would hang the worker (and every ``jobs logs``)."""
+    from ray.job_submission import JobSubmissionClient
+
+    class TimedJobSubmissionClient(JobSubmissionClient):
+        def __init__(self, address: str | None, timeout_s: float):
+            self.stackwise_timeout_s = timeout_s  # before super().__init__, which already makes a request
+            super().__init__(address)
+
+        def _do_request(self, method: str, endpoint: str, **kwargs: Any) -> Any:
+            kwargs.setdefault("timeout", self.stackwise_timeout_s)
+            return super()._do_request(method, endpoint, **kwargs)
+
+    return TimedJobSubmissionClient
+
+
 def make_backend(name: str = "local", *, ray_address: str | None = None, threads: int | None = None,
-                 stop_grace_s: float = 120) -> LocalBackend | RayBackend:
-    """The backend called ``name`` (``STACKWISE_JOB_BACKEND``): ``local`` or ``ray`` (at ``ray_address``)."""
+                 stop_grace_s: float = 120, ray_num_gpus: float = 1, ray_python: str = "python",
+                 ray_env: Mapping[str, str] | None = None) -> LocalBackend | RayBackend:
+    """The backend called ``name`` (``STACKWISE_JOB_BACKEND``): ``local`` or ``ray`` (at ``ray_address``,
+    each run asking Ray for ``ray_num_gpus`` GPUs and started with ``ray_python``; see :class:`RayBackend`)."""
     name = (name or "local").strip().lower()
     if name == "local":
         return LocalBackend(threads=threads)
     if name == "ray":
-        return RayBackend(ray_address, stop_grace_s=stop_grace_s)
+        return RayBackend(ray_address, num_gpus=ray_num_gpus, python=ray_python, threads=threads, env=ray_env,
+                          stop_grace_s=stop_grace_s)
     raise BackendError(f"STACKWISE_JOB_BACKEND must be one of {', '.join(BACKENDS)}, not {name!r}")

@@ -20,6 +20,7 @@ ZH_WARNINGS = {
     "no_eval": "没有留出评估数据（少于 10 行或 eval_fraction 为 0）：不会有 eval loss，也没有前后对比。",
     "high_lr": "学习率偏高，loss 可能发散（LoRA 常用 1e-4 到 3e-4，全参数 1e-5 到 5e-5）。",
     "rows_cut": "{cut} 行超过 max_seq_len {msl}，会被截断；可以调大 max_seq_len 或去掉过长的行。",
+    "no_room": "有训练行的提示词本身就达到 max_seq_len，留不下可学习的回答 token；请调大 max_seq_len。",
     "qlora_needs_gpu": "QLoRA 需要 CUDA GPU（bitsandbytes 4 位内核），在只有 CPU 的 worker 上会失败。",
     "unknown_targets": "target_modules 里有不是该模型线性层的名字，它们不会增加可训练参数。",
     "seq_beyond_model": "max_seq_len 超过了模型的 max_position_embeddings。",

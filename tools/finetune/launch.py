@@ -11,7 +11,8 @@ Base models, offline only:
   else ``$MODELSCOPE_CACHE``, else ``~/.cache/modelscope/hub``).
 
 The worker's GPU comes from ``ctx.extras["worker_gpu"]``: ``{"name", "memory_gb"}`` for a known GPU,
-``None`` for a known CPU-only worker; without the key the GPU is unknown — no fit verdict, QLoRA is not
+``None`` for a known CPU-only worker, or a callable returning one of those (a probe run only when a job is
+checked); without the key the GPU is unknown — no fit verdict, QLoRA is not
 refused, and the time is estimated for the reference H200 (DESIGN §9).
 
 The checked job (rendered rows + preflight) is remembered for the last data set, so the run after "yes"
@@ -209,6 +210,8 @@ def check_job(spec: FinetuneSpec, ctx: ToolContext) -> CheckedJob:
         raise ToolError("bad_data", f"{spec.dataset!r} is a folder, not a data file.")
     model = resolve_model(spec.base_model, ctx)
     gpu_known, gpu = "worker_gpu" in ctx.extras, ctx.extras.get("worker_gpu")
+    if callable(gpu):
+        gpu = gpu()
     config_path = model.path / "config.json"
     key = (_stamp(data_path), _stamp(config_path), spec.model_dump_json(), gpu_known, json.dumps(gpu))
     with _memo_lock:
@@ -292,7 +295,8 @@ def queue_job(spec: FinetuneSpec, ctx: ToolContext) -> dict:
                                         "gradient_checkpointing": bool(checked.report["gradient_checkpointing"])}
         with open_jobs(ctx) as jobs, _queue_lock:
             job_id, run_dir = _place(jobs, staging, owner_dir, run_spec)
-            job = jobs.create(ctx.user_id, run_spec | {"job_id": job_id}, checked.report, run_dir)
+            job = jobs.create(ctx.user_id, run_spec | {"job_id": job_id}, checked.report, run_dir,
+                              origin=ctx.extras.get("origin"))
     except BaseException:
         if run_dir is not None:     # placed, but no job record: leave nothing behind
             shutil.rmtree(run_dir, ignore_errors=True)

@@ -25,6 +25,8 @@ s = 2048, trl SFTTrainer, peak = torch.cuda.max_memory_allocated): the Qwen2.5-0
 (formula 16.7, +14 %), the DeepSeek-R1-Distill-Qwen-7B shape 76.3 GiB (formula 76.1, −0.3 %). The first
 constants (k = 90, logits 10 B), fitted to DESIGN §9's peaks whose batch size is not recorded, were 2.0× and
 1.28× too high there. The checkpointed k = 4 still rests on DESIGN §9 (7B: 30 GiB measured, 31.5 formula).
+Checked afterwards through ``stackwise worker --drain`` (``evals/gpu/worker_check.py``, same settings): LoRA 0.5B
+14.6 GiB (+14 %), LoRA 7B 76.3 GiB (−0.2 %), QLoRA 0.5B 13.9 GiB (+16 %), QLoRA 7B 65.9 GiB (+1.9 %).
 It fits when the total is ≤ 95 % of the GPU memory; gradient checkpointing is recommended when only the
 checkpointed estimate fits.
 
@@ -32,8 +34,8 @@ Time estimate = training tokens (real tokens, padding not counted; eval not coun
 where tokens/s on an H200 for LoRA follows the two measured points — Qwen2.5-0.5B shape 52k tokens/s,
 7B shape 9.9k tokens/s — as a power law in P between them (P^-0.606), as 1/P above 7.6B (compute-bound),
 capped at 250k tokens/s; × GPU factor (H200 1.0, H100 0.85, A100 0.35, RTX 4090 0.3, CPU 0.002 capped at
-20k tokens/s); × method factor (LoRA 1.0, QLoRA 0.6, full 0.7); × 0.71 with gradient checkpointing
-(7.0k / 9.9k measured).
+20k tokens/s); × method factor (LoRA 1.0, QLoRA 0.9 — measured 0.76 at 0.5B, 1.09 at 7B —, full 0.7);
+× 0.71 with gradient checkpointing (7.0k / 9.9k measured).
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ FIT_SHARE = 0.95
 # GPU kind → (throughput factor relative to H200, cap in tokens/s)
 GPU_KINDS = {"H200": (1.0, 250_000), "H100": (0.85, 220_000), "A100": (0.35, 120_000),
              "4090": (0.3, 100_000), "CPU": (0.002, 20_000)}
-METHOD_SPEED = {"lora": 1.0, "qlora": 0.6, "full": 0.7}
+METHOD_SPEED = {"lora": 1.0, "qlora": 0.9, "full": 0.7}
 CHECKPOINTING_SPEED = 7.0 / 9.9
 P_SMALL, TPS_SMALL, P_7B, TPS_7B = 0.494e9, 52_000.0, 7.62e9, 9_900.0
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -182,7 +184,11 @@ def _length_stats(data: PreparedData, spec, tokenizer) -> dict:
     picked = range(len(rows))
     if len(rows) > TOKEN_SAMPLE:
         picked = sorted(random.Random(spec.seed).sample(range(len(rows)), TOKEN_SAMPLE))
-    lengths, method = token_lengths([rows[i]["prompt"] + rows[i]["completion"] for i in picked], tokenizer)
+    # Prompt and completion counted apart (the sum is the row's length, give or take a token at the seam):
+    # a prompt that fills max_seq_len leaves nothing to learn from, and the trainer drops that row.
+    counted, method = token_lengths([rows[i][key] for i in picked for key in ("prompt", "completion")], tokenizer)
+    prompts = counted[0::2]
+    lengths = [a + b for a, b in zip(prompts, counted[1::2], strict=True)]
     ordered = sorted(lengths)
     scale = len(rows) / max(len(lengths), 1)
     train_clipped = [min(n, spec.max_seq_len) for i, n in zip(picked, lengths, strict=True) if i < len(data.train)]
@@ -192,10 +198,14 @@ def _length_stats(data: PreparedData, spec, tokenizer) -> dict:
         return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)] if ordered else 0
 
     cut = round(sum(n > spec.max_seq_len for n in lengths) * scale)
+    train_prompts = [n for i, n in zip(picked, prompts, strict=True) if i < len(data.train)]
+    full = sum(n >= spec.max_seq_len for n in train_prompts)
     return {"method": method, "sampled_rows": len(lengths) if scale > 1 else None,
             "min": ordered[0] if ordered else 0, "median": pct(0.5), "p95": pct(0.95), "max": ordered[-1] if ordered
             else 0, "mean": round(sum(lengths) / max(len(lengths), 1), 1), "rows_cut": cut,
             "rows_cut_fraction": round(cut / max(len(rows), 1), 4),
+            "prompt_median": sorted(prompts)[len(prompts) // 2] if prompts else 0,
+            "rows_no_room": round(full * scale), "rows_no_room_fraction": round(full / max(len(train_prompts), 1), 4),
             "tokens_per_epoch": round(per_train_row * len(data.train))}
 
 
@@ -238,6 +248,14 @@ def preflight(spec, rows_or_path, tokenizer, model_config: dict | None, gpu: dic
         _warn(warnings, "warning", "rows_cut", f"{lengths['rows_cut']:,} rows ({lengths['rows_cut_fraction']:.0%}) "
                                                f"are longer than max_seq_len {spec.max_seq_len} and will be cut "
                                                f"(p95 length {lengths['p95']}); raise max_seq_len or drop long rows.")
+    if n_train and lengths["rows_no_room_fraction"] >= 1:
+        _warn(warnings, "error", "no_room",
+              f"Every training row's prompt alone is at least max_seq_len {spec.max_seq_len} tokens (median prompt "
+              f"{lengths['prompt_median']}), so no answer token is left to learn from; raise max_seq_len.")
+    elif lengths["rows_no_room_fraction"] > 0.05:
+        _warn(warnings, "warning", "no_room", f"{lengths['rows_no_room']:,} training rows "
+                                              f"({lengths['rows_no_room_fraction']:.0%}) have a prompt of max_seq_len "
+                                              f"{spec.max_seq_len} tokens or more; they are skipped.")
     if spec.method == "qlora" and gpu is None:
         _warn(warnings, "error", "qlora_needs_gpu", "QLoRA needs a CUDA GPU (bitsandbytes 4-bit kernels); "
                                                     "use method 'lora' on CPU.")

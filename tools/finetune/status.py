@@ -2,7 +2,8 @@
 (read from ``RUN/progress.jsonl``), a loss-curve PNG, the artifacts and the before/after comparison.
 
 The job store comes from ``ctx.extras["jobs"]`` (a :class:`~memory.jobs.JobStore`) when the caller shares
-one; otherwise the one at ``ctx.home/jobs.sqlite`` is opened for the call.
+one; otherwise the PostgreSQL one at ``ctx.extras["database_url"]`` (``Settings.database_url``) or, without
+it, the one at ``ctx.home/jobs.sqlite`` is opened for the call.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def open_jobs(ctx: ToolContext) -> Iterator[JobStore]:
         if shared is not None:
             yield shared
             return
-        store = JobStore.for_home(ctx.home)
+        store = JobStore.open(ctx.home, ctx.extras.get("database_url"))
         try:
             yield store
         finally:

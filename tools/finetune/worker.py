@@ -10,6 +10,9 @@ by every worker when it starts.
 Command line (``stackwise worker`` is the usual way)::
 
     python -m tools.finetune.worker --home ~/.stackwise [--drain] [--backend local|ray] [--ray-address URL]
+
+The job store is SQLite under ``--home``, or PostgreSQL when ``STACKWISE_DATABASE_URL`` (or ``--database-url``)
+names one, as for ``stackwise`` itself: the worker must use the store the jobs were queued in.
 """
 
 from __future__ import annotations
@@ -71,12 +74,14 @@ class Worker:
 
     def __init__(self, home: str | Path | None, *, backend: Backend, worker_id: str | None = None, poll_s: float = 1.0,
                  heartbeat_s: float = 5.0, stale_s: float = 60, stop_grace_s: float = 120,
-                 on_finished: Callable[[Job], None] | None = None, store: JobStore | None = None):
-        """``home``: the data folder holding ``jobs.sqlite`` (``None``: ``$STACKWISE_HOME``).
+                 on_finished: Callable[[Job], None] | None = None, store: JobStore | None = None,
+                 database_url: str | None = None):
+        """``home``: the data folder holding ``jobs.sqlite`` (``None``: ``$STACKWISE_HOME``); ``database_url``:
+        the PostgreSQL job store instead (``Settings.database_url``), when set.
         ``stale_s``: a job whose worker has not sent a heartbeat for that long is marked interrupted.
         ``stop_grace_s``: how long a stopped run may take to save its checkpoint before it is killed.
         ``on_finished``: called with every job this worker finished (a failing hook is logged, not raised)."""
-        self.store = store or JobStore.for_home(home)
+        self.store = store or JobStore.open(home, database_url)
         self._own_store = store is None
         self.backend = backend
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
@@ -314,18 +319,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drain", action="store_true", help="exit when the queue is empty")
     parser.add_argument("--backend", default="local", choices=["local", "ray"])
     parser.add_argument("--ray-address", help="the Ray dashboard address, such as http://head:8265")
+    parser.add_argument("--ray-num-gpus", type=float, default=1.0, help="GPUs each run asks Ray for (0: CPU only)")
     parser.add_argument("--worker-id")
     parser.add_argument("--poll-s", type=float, default=1.0)
     parser.add_argument("--heartbeat-s", type=float, default=5.0)
+    parser.add_argument("--database-url", default=os.environ.get("STACKWISE_DATABASE_URL") or None,
+                        help="the PostgreSQL job store (default: $STACKWISE_DATABASE_URL; unset: SQLite under --home)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="worker: %(message)s")
     try:
-        backend = make_backend(args.backend, ray_address=args.ray_address)
+        backend = make_backend(args.backend, ray_address=args.ray_address, ray_num_gpus=args.ray_num_gpus)
     except BackendError as exc:
         print(f"worker: {exc}", file=sys.stderr)
         return 2
-    with Worker(args.home, backend=backend, worker_id=args.worker_id, poll_s=args.poll_s,
-                heartbeat_s=args.heartbeat_s) as worker:
+    try:
+        worker = Worker(args.home, backend=backend, worker_id=args.worker_id, poll_s=args.poll_s,
+                        heartbeat_s=args.heartbeat_s, database_url=args.database_url)
+    except StoreError as exc:
+        print(f"worker: {exc}", file=sys.stderr)
+        return 2
+    with worker:
         worker.run(drain=args.drain)
     return 0
 
