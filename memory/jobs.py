@@ -34,7 +34,7 @@ from typing import Any
 
 from memory import jobs_sql as sql
 from memory import pg
-from memory.checkpoints import LOCK_TIMEOUT_S, StoreError
+from memory.checkpoints import StoreError
 from memory.jobs_db import PostgresJobsDB, SqliteJobsDB
 from memory.jobs_model import (
     ACTIVE,
@@ -60,6 +60,10 @@ __all__ = [
 
 MAX_LIST = 1000
 
+# Workers, bots and the CLI share one job database; a busy moment (a claim, a schema check) is waited out for this
+# long before a "locked" error.
+JOB_LOCK_TIMEOUT_S = 15.0
+
 
 def pid_alive(pid: int) -> bool:
     """Whether process ``pid`` exists on this host (a process of another user counts as alive)."""
@@ -76,7 +80,7 @@ class JobStore:
     """Fine-tune job records in SQLite or PostgreSQL. Thread-safe; open one per process (or share one between
     threads)."""
 
-    def __init__(self, path: str | Path, *, lock_timeout_s: float = LOCK_TIMEOUT_S,
+    def __init__(self, path: str | Path, *, lock_timeout_s: float = JOB_LOCK_TIMEOUT_S,
                  clock: Callable[[], float] = time.time):
         """``path``: the SQLite file, or a ``postgresql://user:password@host:port/database`` URL."""
         self._clock = clock

@@ -35,6 +35,7 @@ class SqliteJobsDB:
 
     def __init__(self, path: Path, *, lock_timeout_s: float = LOCK_TIMEOUT_S):
         self.path = path
+        self.lock_timeout_s = lock_timeout_s
         self._lock = threading.RLock()
         self._conn = self._open(lock_timeout_s)
 
@@ -66,7 +67,8 @@ class SqliteJobsDB:
 
     def describe(self, exc: sqlite3.Error) -> str:
         """What went wrong with the file, and what to do about it."""
-        return describe_sqlite_error(self.path, exc).replace("thread database", "job database")
+        text = describe_sqlite_error(self.path, exc).replace("thread database", "job database")
+        return text.replace(f"(waited {LOCK_TIMEOUT_S:.0f} s)", f"(waited {self.lock_timeout_s:.0f} s)")
 
     def _open(self, lock_timeout_s: float) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ from tools.finetune.train_config import plan_schedule  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore:.*is deprecated and will be removed in v6:FutureWarning")
 ROOT = Path(__file__).resolve().parents[1]
 PROGRESS_KEYS = {"time", "step", "total", "epoch", "loss", "eval_loss", "lr", "tokens_per_s", "eta_s", "gpu_mem_gb"}
-SUMMARY_KEYS = {"status", "steps", "total_steps", "final_loss", "eval_loss", "train_seconds", "tokens_per_s",
+SUMMARY_KEYS = {"status", "speed", "steps", "total_steps", "final_loss", "eval_loss", "train_seconds", "tokens_per_s",
                 "peak_gpu_mem_gb", "trainable_params", "total_params", "error", "artifacts"}
 WORDS = ("red", "blue", "green", "cat", "dog", "sun")
 
@@ -122,6 +122,7 @@ def test_lora_run_learns_and_writes_the_contract_files(tiny, tmp_path):
     assert summary["final_loss"] == lines[-1]["loss"] and summary["eval_loss"] == lines[-1]["eval_loss"]
     assert 0 < summary["trainable_params"] < summary["total_params"]
     assert summary["tokens_per_s"] > 0 and summary["train_seconds"] > 0 and summary["peak_gpu_mem_gb"] is None
+    assert summary["speed"] == {"liger": False, "fused_adamw": False, "applied": [], "skipped": {}}  # tiny, CPU
     assert summary["artifacts"] == {"adapter": str(run_dir / "adapter"), "merged": None,
                                     "comparison": str(run_dir / "comparison.json")}
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("checkpoint-*"))
@@ -281,3 +282,22 @@ def test_schedule_logs_about_fifty_times_and_checkpoints_every_tenth():
     assert plan_schedule(10, batch_size=4, grad_accum=1, epochs=1, max_steps=None).total == 3
     big = plan_schedule(10, batch_size=1, grad_accum=1, epochs=1, max_steps=5000)
     assert big.total == 5000 and big.logging_steps == 100 and big.save_steps == 50
+
+
+def test_speed_choices_follow_the_measured_defaults_and_say_why_not():
+    from tools.finetune.speed import choose, flops_per_token, mfu, speedups
+
+    assert choose(None, total_params=7_615_616_512).liger            # 1.13× measured at the 7B shape
+    assert not choose(None, total_params=494_032_768).liger          # 0.85× at the 0.5B shape: off
+    assert not choose({"liger": False}, total_params=7_615_616_512).liger
+    assert choose({"liger": True}, total_params=1).liger
+    for bad, message in (({"turbo": True}, "unknown speed option"), ({"liger": "yes"}, "true or false")):
+        with pytest.raises(ValueError, match=message):
+            speedups(bad)
+    qwen7b = {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+              "num_key_value_heads": 4, "vocab_size": 152064}
+    per_token = flops_per_token(qwen7b, seq_len=2048, trainable=40_370_176, full=False)
+    # 4 × 7.07e9 linear parameters (embeddings excluded) + 2 × adapters + attention ≈ 2.98e10 FLOPs per token
+    assert 2.9e10 < per_token < 3.1e10
+    assert mfu(10_000, per_token, "NVIDIA H200") == pytest.approx(10_000 * per_token / 989e12)
+    assert mfu(10_000, per_token, "Some GPU") is None

@@ -172,7 +172,8 @@ def _train(paths: RunPaths, resume: bool, cancel: CancelFlag, facts: _Facts) -> 
     schedule = apply_schedule(trainer, job)
     model = trainer.accelerator.unwrap_model(trainer.model)
     trainable, total = count_params(model)
-    facts.fields.update(total_steps=schedule.total, trainable_params=trainable, total_params=total)
+    facts.fields.update(total_steps=schedule.total, trainable_params=trainable, total_params=total,
+                        speed=job.speed.to_dict() if hasattr(job.speed, "to_dict") else None)
     log.info("training %d steps on %d rows (%d held out); %d of %d parameters trainable; "
              "log every %d, checkpoint every %d", schedule.total, len(job.train_rows), len(job.eval_rows),
              trainable, total, schedule.logging_steps, schedule.save_steps)

@@ -76,7 +76,19 @@ def sft_config(job: Job, device: Device, output_dir: Path, *, has_eval: bool):
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
+        **_speed_args(job, device),
     )
+
+
+def _speed_args(job: Job, device: Device) -> dict:
+    """The Trainer arguments of the chosen speed-ups (``job.speed``, see tools/finetune/speed.py)."""
+    from tools.finetune.speed import Speedups, optimizer_name
+
+    speed = job.speed if isinstance(job.speed, Speedups) else Speedups()
+    args: dict = {"use_liger_kernel": bool(speed.liger)}
+    if speed.fused_adamw:           # otherwise the Trainer's own default optimizer
+        args["optim"] = optimizer_name(speed, cuda=device.cuda)
+    return args
 
 
 @dataclass(frozen=True)

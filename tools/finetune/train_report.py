@@ -107,6 +107,7 @@ def summary(status: str, *, error: str | None = None, **fields: Any) -> dict[str
         "peak_gpu_mem_gb": None,
         "trainable_params": None,
         "total_params": None,
+        "speed": None,          # the speed-ups used: {"liger", "fused_adamw", "applied", "skipped"}
         "error": error,
         "artifacts": {"adapter": None, "merged": None, "comparison": None},
     }

@@ -21,7 +21,7 @@ from tools.finetune.rundir import RunPaths
 from tools.finetune.spec import FinetuneSpec
 
 # Keys ``spec.json`` may hold besides the ``FinetuneSpec`` fields (see the contract).
-RUN_KEYS = ("base_model_path", "job_id", "gradient_checkpointing", "preflight")
+RUN_KEYS = ("base_model_path", "job_id", "gradient_checkpointing", "preflight", "speed")
 ROW_KEYS = ("prompt", "completion")
 
 
@@ -39,6 +39,7 @@ class Job:
     gradient_checkpointing: bool
     train_rows: list[dict[str, str]]
     eval_rows: list[dict[str, str]] = field(default_factory=list)
+    speed: Any = None          # tools.finetune.speed.Speedups once chosen; spec.json's "speed" options until then
 
 
 def _one_line(text: str) -> str:
@@ -120,6 +121,14 @@ def load_job(paths: RunPaths) -> Job:
     spec, extras = load_spec(paths)
     base = _base_model_path(extras)
     job_id = extras.get("job_id")
+    speed = extras.get("speed")
+    if speed is not None:
+        from tools.finetune.speed import speedups
+
+        try:
+            speedups(speed if isinstance(speed, dict) else {"?": speed})
+        except ValueError as exc:
+            raise TrainError(f"spec.json speed: {exc}") from None
     return Job(
         spec=spec,
         base_model_path=base,
@@ -127,6 +136,7 @@ def load_job(paths: RunPaths) -> Job:
         gradient_checkpointing=_wants_checkpointing(extras),
         train_rows=read_rows(paths.train_data, required=True),
         eval_rows=read_rows(paths.eval_data, required=False),
+        speed=speed,
     )
 
 
@@ -167,12 +177,37 @@ def check_method(spec: FinetuneSpec, device: Device) -> None:
         raise TrainError("QLoRA needs the bitsandbytes package, which is not installed — install it or use 'lora'")
 
 
+def _choose_speedups(job: Job, device: Device) -> None:
+    """Decide the speed-ups (tools/finetune/speed.py) from the run's options and the model's size; Liger is
+    applied by the Trainer (``use_liger_kernel``), which also tells trl that there are no full logits."""
+    from tools.finetune.speed import choose
+
+    config = json.loads((job.base_model_path / "config.json").read_text(encoding="utf-8"))
+    total = None
+    try:
+        from tools.finetune.preflight import count_params
+
+        spec = job.spec
+        total = count_params(config, spec.method, spec.lora_rank, spec.target_modules)["total"]
+    except Exception:    # an unusual config: no size-based defaults, the explicit options still apply
+        pass
+    speed = choose(job.speed if isinstance(job.speed, dict) else None, total_params=total)
+    if speed.liger and not device.cuda:
+        speed.liger, speed.skipped["liger"] = False, "needs a CUDA GPU"
+    elif speed.liger and importlib.util.find_spec("liger_kernel") is None:
+        speed.liger, speed.skipped["liger"] = False, "liger-kernel is not installed"
+    elif speed.liger:
+        speed.applied.append("liger")
+    job.speed = speed
+
+
 def load_model(job: Job, device: Device):
     """Load the tokenizer and the base model (SDPA attention; 4-bit NF4 for QLoRA)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict[str, Any] = {"dtype": device.dtype, "attn_implementation": "sdpa"}
+    _choose_speedups(job, device)
     if job.spec.method == "qlora":
         from transformers import BitsAndBytesConfig
 

@@ -1,0 +1,188 @@
+"""Training-speed benchmark: the plain transformers + peft baseline and our speed-ups, in the same run on the
+same GPU, with the same data and seed — tokens/s, peak memory, MFU and the loss after N steps, as ratios.
+
+Each (shape, method, variant) runs in a fresh subprocess (Liger patches model classes process-wide), on a
+Qwen2-architecture model with random weights at the real shape (saved once per shape, so QLoRA loads it through
+bitsandbytes as a user's model would). The training step is the same in every variant: LoRA r16 α32 dropout
+0.05 on all linear layers (peft), bf16, SDPA attention, AdamW lr 2e-4, random token batches of ``--batch`` ×
+``--seq`` with the labels = the inputs. Variants add speed-ups from ``tools/finetune/speed.py``:
+
+    base        plain transformers + peft (the DESIGN §9 baseline)
+    base_gc     + gradient checkpointing (non-reentrant)
+    liger       + Liger kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy)
+    liger_fused + fused AdamW
+    liger_gc    liger_fused + gradient checkpointing (the memory-lean setting)
+
+    python evals/gpu/speed_bench.py --out OUT --configs 7b:lora,7b:qlora --variants base,liger,liger_fused
+        [--steps 30] [--warmup 3] [--batch 4] [--seq 2048]
+
+Prints one table per configuration and writes ``OUT/speed-<shape>-<method>.json``. MFU uses the FLOP count in
+``tools/finetune/speed.py`` (LoRA ≈ 4P + 2·P_trainable + 6·s·h·L per token) against 989 TFLOP/s dense bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(ROOT))
+
+VARIANTS = {
+    "base": {},
+    "base_gc": {"gc": True},
+    "liger": {"liger": True},
+    "liger_fused": {"liger": True, "fused_adamw": True},
+    "liger_gc": {"liger": True, "fused_adamw": True, "gc": True},
+}
+
+
+def model_dir(shape: str, work: Path) -> Path:
+    """The random-weight model at ``shape``, saved once (bf16 safetensors + the tiny tokenizer)."""
+    from transformers import AutoTokenizer
+
+    from evals.gpu.finetune_check import SHAPES, build_model
+    from evals.gpu.worker_check import TINY
+    from tools.finetune.tiny import build_tiny_model
+
+    folder = work / f"model-{shape}"
+    if not (folder / "config.json").is_file():
+        tokenizer = work / "tokenizer"
+        if not (tokenizer / "tokenizer.json").is_file():
+            build_tiny_model(tokenizer)
+        SHAPES.setdefault("tiny", {**TINY, "vocab_size": len(AutoTokenizer.from_pretrained(tokenizer))})
+        build_model(shape, folder, tokenizer)
+    return folder
+
+
+def run_one(shape: str, method: str, variant: str, args: argparse.Namespace) -> dict:
+    """One measurement, in this process."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
+
+    from tools.finetune.speed import Speedups, apply_before_load, flops_per_token, mfu, optimizer_name
+
+    options = VARIANTS[variant]
+    cuda = torch.cuda.is_available()      # a CPU dry run of the script when there is no GPU
+    folder = Path(args.work) / f"model-{shape}"
+    config = AutoConfig.from_pretrained(folder).to_dict()
+    speed = Speedups(liger=options.get("liger", False), fused_adamw=options.get("fused_adamw", False))
+    apply_before_load(speed, config["model_type"], cuda=cuda)
+    kwargs = {"dtype": torch.bfloat16 if cuda else torch.float32, "attn_implementation": "sdpa"}
+    if method == "qlora":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                           bnb_4bit_use_double_quant=True,
+                                                           bnb_4bit_compute_dtype=torch.bfloat16)
+        kwargs["device_map"] = {"": 0}
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    if method != "qlora" and cuda:
+        model.to("cuda")
+    if options.get("gc"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
+                                             task_type="CAUSAL_LM"))
+    model.train()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = optimizer_name(speed, cuda=cuda) == "adamw_torch_fused"
+    optimizer = torch.optim.AdamW(params, lr=2e-4, fused=fused) if fused else torch.optim.AdamW(params, lr=2e-4)
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, config["vocab_size"], (args.batch, args.seq), generator=generator)
+               for _ in range(args.warmup + args.steps)]
+    torch.manual_seed(0)
+    losses, started = [], None
+    for step, batch in enumerate(batches):
+        if step == args.warmup:
+            if cuda:
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+        ids = batch.cuda(non_blocking=True) if cuda else batch
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    tokens_per_s = args.batch * args.seq * args.steps / seconds
+    per_token = flops_per_token(config, seq_len=args.seq, trainable=trainable, full=False)
+    gpu = torch.cuda.get_device_name(0) if cuda else "cpu"
+    return {"shape": shape, "method": method, "variant": variant, "gpu": gpu, "batch": args.batch,
+            "seq": args.seq, "steps": args.steps, "warmup": args.warmup, "tokens_per_s": round(tokens_per_s, 1),
+            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else 0.0,
+            "mfu": round(mfu(tokens_per_s, per_token, gpu) or 0.0, 4), "flops_per_token": per_token,
+            "final_loss": round(sum(losses[-5:]) / len(losses[-5:]), 5), "losses": [round(x, 5) for x in losses],
+            "speed": speed.to_dict(), "trainable": trainable}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--configs", default="7b:lora,0.5b:lora")
+    parser.add_argument("--variants", default="base,liger,liger_fused,liger_gc")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--qlora-batch", type=int, default=None, help="batch for QLoRA configs (default --batch)")
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--work", default="/tmp/sw-speed")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.one:
+        shape, method, variant = args.one.split(":")
+        try:
+            result = run_one(shape, method, variant, args)
+        except Exception as exc:    # report the failure as a row; the other variants still run
+            result = {"shape": shape, "method": method, "variant": variant,
+                      "error": f"{type(exc).__name__}: {str(exc)[:500]}"}
+        print("RESULT " + json.dumps(result), flush=True)
+        return 0
+
+    out, work = Path(args.out), Path(args.work)
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    for config in args.configs.split(","):
+        shape, method = config.split(":")
+        model_dir(shape, work)
+        batch = args.qlora_batch if method == "qlora" and args.qlora_batch else args.batch
+        rows = []
+        for variant in args.variants.split(","):
+            cmd = [sys.executable, __file__, "--one", f"{shape}:{method}:{variant}", "--out", str(out),
+                   "--work", str(work), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                   "--batch", str(batch), "--seq", str(args.seq)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=os.environ)
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+            row = json.loads(line[7:]) if line else {"shape": shape, "method": method, "variant": variant,
+                                                     "error": f"exit {proc.returncode}: {proc.stderr[-800:]}"}
+            rows.append(row)
+            (out / f"speed-{shape}-{method}.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
+        base = next((r for r in rows if r["variant"] == "base" and "error" not in r), None)
+        print(f"\n{shape} {method}, batch {batch} × {args.seq}, {args.steps} timed steps")
+        print(f"{'variant':<12} {'tokens/s':>9} {'×base':>6} {'peak GiB':>9} {'×base':>6} {'MFU':>6} "
+              f"{'loss':>9} {'Δloss':>8}  notes")
+        for r in rows:
+            if "error" in r:
+                print(f"{r['variant']:<12} error: {r['error'][:300]}")
+                continue
+            speedup = r["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
+            memory = r["peak_gib"] / base["peak_gib"] if base and base["peak_gib"] else float("nan")
+            dloss = (r["final_loss"] - base["final_loss"]) / base["final_loss"] if base else float("nan")
+            notes = ", ".join(f"{k}: {v}" for k, v in r["speed"]["skipped"].items())
+            print(f"{r['variant']:<12} {r['tokens_per_s']:>9.0f} {speedup:>6.2f} {r['peak_gib']:>9.2f} "
+                  f"{memory:>6.2f} {r['mfu']:>6.1%} {r['final_loss']:>9.4f} {dloss:>+8.2%}  {notes}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

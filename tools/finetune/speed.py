@@ -1,0 +1,147 @@
+"""Training speed-ups, each behind its own switch, and the FLOP count used to report MFU.
+
+Switches (``spec.json`` → ``"speed": {...}``, or :func:`speedups` defaults):
+
+- ``liger``: Liger kernels (``liger-kernel``, Triton; CUDA only) patched into the model class before it is
+  loaded — fused RMSNorm, SwiGLU MLP, RoPE, and the fused linear + cross-entropy that computes the loss in
+  chunks and never materialises the full ``batch × seq × vocab`` logits (at a 150k vocabulary those are the
+  largest activation). Only for model types Liger knows (``MODEL_TYPE_TO_APPLY_LIGER_FN``).
+- ``fused_adamw``: PyTorch's fused AdamW (one kernel for all parameters; CUDA only).
+
+Each is on by default only where it was measured faster with the same loss (``evals/gpu/speed_bench.py``);
+a switch that cannot apply (no GPU, package missing, unknown model type) is reported and skipped, never fatal.
+
+FLOPs per trained token (what MFU is computed from; P = parameters of the linear layers that see every token,
+i.e. all but the embeddings; L layers, h hidden size, s sequence length):
+
+    forward                 2 × P  +  2 × s × h × L        (matmuls; causal attention scores + values: half of
+                                                            4 × s × h per layer)
+    backward, input grads   2 × P  +  4 × s × h × L
+    backward, weight grads  2 × P_trainable                 (LoRA: the adapters only; full fine-tuning: all P)
+
+so LoRA ≈ 4P + 6shL (+2·P_trainable) and full ≈ 6P + 6shL per token; MFU = FLOPs/token × tokens/s ÷ the GPU's
+dense bf16 peak (H200/H100 SXM: 989 TFLOP/s).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any
+
+log = logging.getLogger("stackwise.train")
+
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
+SWITCHES = ("liger", "fused_adamw")
+# Measured on the H200 (evals/gpu/README.md, LoRA r16, batch 4 × 2048, same loss within 0.01 %): Liger is
+# 1.13× faster at the 7.6B shape (and 0.77× the memory) but 0.85× at the 0.5B shape (small matmuls: its extra
+# kernel launches cost more than they save), so it is on by default from LIGER_MIN_PARAMS parameters; fused
+# AdamW measured no faster at either shape, so it is off.
+DEFAULTS = {"liger": None, "fused_adamw": False}     # None: decided by the model's size
+LIGER_MIN_PARAMS = 3e9
+
+
+@dataclass
+class Speedups:
+    """Which speed-ups to use; :attr:`applied` / :attr:`skipped` say what actually happened."""
+
+    liger: bool = False
+    fused_adamw: bool = False
+
+    def __post_init__(self) -> None:
+        self.applied: list[str] = []
+        self.skipped: dict[str, str] = {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "applied": list(self.applied), "skipped": dict(self.skipped)}
+
+
+def speedups(options: dict | None = None) -> Speedups:
+    """The switches from a run's ``"speed"`` options over :data:`DEFAULTS`; unknown names are an error.
+
+    >>> speedups({"liger": True}).liger, speedups().fused_adamw, choose(None, total_params=7_600_000_000).liger
+    (True, False, True)
+    """
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(SWITCHES))
+    if unknown:
+        raise ValueError(f"unknown speed option(s) {', '.join(unknown)}; known: {', '.join(SWITCHES)}")
+    bad = [k for k, v in options.items() if not isinstance(v, bool)]
+    if bad:
+        raise ValueError(f"speed options are true or false: {', '.join(bad)}")
+    chosen = {**DEFAULTS, **options}
+    return Speedups(liger=bool(chosen["liger"]), fused_adamw=bool(chosen["fused_adamw"]))
+
+
+def choose(options: dict | None, *, total_params: int | None) -> Speedups:
+    """:func:`speedups`, with the size-dependent defaults filled in for a model of ``total_params``."""
+    picked = speedups(options)
+    if (options or {}).get("liger") is None:
+        picked.liger = bool(total_params and total_params >= LIGER_MIN_PARAMS)
+    return picked
+
+
+def apply_before_load(speed: Speedups, model_type: str, *, cuda: bool) -> None:
+    """Patch the model class (Liger) before ``from_pretrained``; records what applied and why not."""
+    if not speed.liger:
+        return
+    if not cuda:
+        speed.skipped["liger"] = "needs a CUDA GPU"
+        return
+    if importlib.util.find_spec("liger_kernel") is None:
+        speed.skipped["liger"] = "liger-kernel is not installed"
+        return
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except Exception as exc:   # an incompatible transformers version fails at import
+        speed.skipped["liger"] = f"liger-kernel does not load: {type(exc).__name__}: {exc}"
+        return
+    patch = MODEL_TYPE_TO_APPLY_LIGER_FN.get(model_type)
+    if patch is None:
+        speed.skipped["liger"] = f"no Liger kernels for model type {model_type!r}"
+        return
+    patch(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True)
+    speed.applied.append("liger")
+    log.info("liger kernels on for %s (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy)", model_type)
+
+
+def optimizer_name(speed: Speedups, *, cuda: bool) -> str:
+    """The Trainer ``optim`` name: fused AdamW when asked for and on CUDA, else PyTorch's AdamW."""
+    if speed.fused_adamw and cuda:
+        if "fused_adamw" not in speed.applied:
+            speed.applied.append("fused_adamw")
+        return "adamw_torch_fused"
+    if speed.fused_adamw:
+        speed.skipped["fused_adamw"] = "needs a CUDA GPU"
+    return "adamw_torch"
+
+
+def flops_per_token(config: dict, *, seq_len: int, trainable: int, full: bool) -> float:
+    """Training FLOPs per token for a decoder-only model (formula in the module docstring).
+
+    ``config``: the model's ``config.json`` (hidden_size, intermediate_size, num_hidden_layers,
+    num_attention_heads, num_key_value_heads, vocab_size).
+
+    >>> cfg = {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+    ...        "num_key_value_heads": 2, "vocab_size": 10}
+    >>> flops_per_token(cfg, seq_len=4, trainable=0, full=False)  # P = 64·4 + 3·128 + 80 = 720; 4P + 6·4·8
+    3072.0
+    """
+    h, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    heads = config["num_attention_heads"]
+    kv = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or h // heads
+    attn = h * heads * head_dim * 2 + h * kv * head_dim * 2          # q, o + k, v projections
+    mlp = 3 * h * inter                                              # gate, up, down
+    linear = layers * (attn + mlp) + h * config["vocab_size"]        # + the LM head (every token)
+    matmul = (6.0 if full else 4.0) * linear + (0.0 if full else 2.0 * trainable)
+    return matmul + 6.0 * seq_len * h * layers
+
+
+def mfu(tokens_per_s: float, flops_token: float, gpu_name: str | None) -> float | None:
+    """Model FLOPs utilisation against the GPU's dense bf16 peak (``None`` for a GPU we have no peak for)."""
+    for key, peak in PEAK_BF16_FLOPS.items():
+        if gpu_name and key in gpu_name:
+            return tokens_per_s * flops_token / peak
+    return None
