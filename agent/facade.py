@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import re
-import sqlite3
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -16,10 +17,17 @@ from agent import templates as T
 from agent.graph import build_graph
 from agent.language import detect_language
 from agent.reply import Reply
-from agent.settings import Settings, SettingsError
+from agent.settings import Settings
 from agent.state import new_turn
 from agent.toolbox import Toolbox
-from memory.checkpoints import StoreError, describe_sqlite_error, open_checkpointer
+from memory.checkpoints import (
+    StoreError,  # noqa: F401 - re-exported: channels catch agent.facade.StoreError
+    as_store_error,
+    close_checkpointer,
+    open_checkpointer,
+    thread_key,
+)
+from memory.retention import Retention
 from tools.registry import ToolRegistry
 
 if TYPE_CHECKING:
@@ -30,6 +38,7 @@ _YES = re.compile(r"^(?:y|yes|yep|yeah|sure|ok|okay|confirm|confirmed|approve|go
 _NO = re.compile(r"^(?:n|no|nope|cancel|stop|abort|don'?t|do not|decline|reject|"
                  r"不|否|不要|不用|取消|算了|拒绝)[.!。！\s]*$", re.IGNORECASE)
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+log = logging.getLogger(__name__)
 
 
 class InputError(ValueError):
@@ -58,18 +67,25 @@ class Agent:
                  checkpointer: Any = None, router_embedder: Any = None, channel: str = "python"):
         from agent.brains.local import make_local_brain
 
-        if settings.brain != "local":
-            raise SettingsError(f"The {settings.brain} brain is not available in this version yet; "
-                                "use the local brain (--brain local, or unset STACKWISE_BRAIN).")
+        if settings.brain == "llm":
+            from agent.brains.llm import check_llm_settings, make_llm_brain
+
+            check_llm_settings(settings)   # before anything opens: a clear message of what to set
         self.settings = settings
         self.channel = channel      # recorded with launched jobs: the channel that announces their end
         settings.home.mkdir(parents=True, exist_ok=True)
         self.toolbox = Toolbox(settings, registry)
         self.registry = self.toolbox.registry
-        self.brain = make_local_brain(self.toolbox, router_embedder)
-        self.checkpointer = checkpointer if checkpointer is not None else open_checkpointer(settings.threads_db)
+        make_brain = make_llm_brain if settings.brain == "llm" else make_local_brain
+        self.brain = make_brain(self.toolbox, router_embedder)
+        self.checkpointer = checkpointer if checkpointer is not None else open_checkpointer(
+            settings.threads_db, settings.database_url)
+        # Bounded history: the last keep_checkpoints per thread; threads idle past thread_max_idle_days dropped.
+        self.retention = Retention(self.checkpointer, keep=settings.keep_checkpoints,
+                                   max_idle_days=settings.thread_max_idle_days)
+        self.user_memory = self.toolbox.user_memory()
         self.graph = build_graph(self.brain, self.registry, self.toolbox.context_for_turn).compile(
-            checkpointer=self.checkpointer)
+            checkpointer=self.checkpointer, store=self.user_memory.store)
         self._lock = threading.Lock()
 
     @classmethod
@@ -95,7 +111,8 @@ class Agent:
     def _config(self, thread_id: str, user_id: str) -> dict:
         # Threads are keyed by user, so no user can open another's thread by guessing its id; the
         # length prefix keeps the key unambiguous whatever characters the two ids contain.
-        return {"configurable": {"thread_id": f"{len(user_id)}:{user_id}|{thread_id}"}}
+        # recursion_limit: the llm brain's call → observe → call again loop takes several graph steps per call.
+        return {"configurable": {"thread_id": thread_key(user_id, thread_id)}, "recursion_limit": 250}
 
     def _pending_interrupts(self, config: dict, snap: Any = None) -> list:
         snap = snap if snap is not None else self.graph.get_state(config)
@@ -104,18 +121,28 @@ class Agent:
     def stream(self, text: str, *, thread_id: str | None = None, user_id: str = "local",
                approve: bool | None = None) -> Iterator[dict]:
         """Events of one turn as they happen: ``step`` (kind, text), ``tool`` (a call record, as soon as
-        the tool returns), ``pending`` (a confirmation request), and last ``reply`` (the ``Reply``).
+        the tool returns), ``token`` (``text``: a piece of the llm brain's reply as the model writes it —
+        reasoning excluded; the ``reply``'s answer is the checked, final text), ``pending`` (a confirmation
+        request), and last ``reply`` (the ``Reply``). Consumers ignore event types they do not know.
 
         ``approve=True`` (``--yes``) answers every confirmation of this turn with yes.
         """
         text = self.check_input(text)
         thread_id = thread_id or f"t-{uuid.uuid4().hex[:12]}"
         config = self._config(thread_id, user_id)
-        with self._lock:
-            try:
-                yield from self._run_turn(text, thread_id, user_id, config, approve)
-            except sqlite3.Error as exc:
-                raise StoreError(describe_sqlite_error(self.settings.threads_db, exc)) from None
+        with self._lock, self._store_errors():
+            yield from self._run_turn(text, thread_id, user_id, config, approve)
+
+    @contextlib.contextmanager
+    def _store_errors(self) -> Iterator[None]:
+        """A database failure (SQLite or Postgres) surfaces as a clear :class:`StoreError`; others pass."""
+        try:
+            yield
+        except Exception as exc:
+            error = as_store_error(exc, self.settings.database_url or self.settings.threads_db)
+            if error is None:
+                raise
+            raise error from None
 
     def _run_turn(self, text: str, thread_id: str, user_id: str, config: dict, approve: bool | None):
         before = self.graph.get_state(config)
@@ -137,7 +164,12 @@ class Agent:
         # durability="exit": one checkpoint write per turn (or per interrupt) instead of one per node;
         # a crash mid-turn loses only that turn, never earlier history.
         while True:
-            for update in self.graph.stream(payload, config, stream_mode="updates", durability="exit"):
+            for mode, update in self.graph.stream(payload, config, stream_mode=["updates", "custom"],
+                                                  durability="exit"):
+                if mode == "custom":         # the brain's own events: tokens of the model's reply
+                    if isinstance(update, dict) and update.get("type") == "token":
+                        yield update
+                    continue
                 for node, part in update.items():
                     if node == "__interrupt__" or not isinstance(part, dict):
                         continue
@@ -157,10 +189,20 @@ class Agent:
                 payload = Command(resume={"approve": approve})
                 continue
             break
+        self._retain(config["configurable"]["thread_id"])
         reply = self._reply(snap.values, thread_id, interrupts)
         if reply.pending:
             yield {"type": "pending", "pending": reply.pending.model_dump()}
         yield {"type": "reply", "reply": reply}
+
+    def _retain(self, key: str) -> None:
+        """Prune this thread's old checkpoints (the turn is saved already; a failure here only delays the pruning)."""
+        try:
+            self.retention.after_turn(key)
+        except Exception as exc:
+            if as_store_error(exc, self.settings.database_url or self.settings.threads_db) is None:
+                raise
+            log.warning("could not prune old checkpoints of a thread: %s", exc)
 
     def _reply(self, values: dict, thread_id: str, interrupts: list) -> Reply:
         lang = values.get("lang", "en")
@@ -219,13 +261,15 @@ class Agent:
     def resume(self, thread_id: str, approve: bool, *, user_id: str = "local") -> Reply:
         """Answer the thread's pending confirmation."""
         config = self._config(thread_id, user_id)
-        if not self._pending_interrupts(config):
-            lang = detect_language(self.graph.get_state(config).values.get("text", "") or "")
-            return Reply(thread_id=thread_id, answer=T.NOTHING_PENDING[lang])
+        with self._store_errors():
+            if not self._pending_interrupts(config):
+                lang = detect_language(self.graph.get_state(config).values.get("text", "") or "")
+                return Reply(thread_id=thread_id, answer=T.NOTHING_PENDING[lang])
         return self.ask("yes" if approve else "no", thread_id=thread_id, user_id=user_id)
 
     def history(self, thread_id: str, *, user_id: str = "local") -> list[dict[str, str]]:
-        return list(self.graph.get_state(self._config(thread_id, user_id)).values.get("messages", []))
+        with self._store_errors():
+            return list(self.graph.get_state(self._config(thread_id, user_id)).values.get("messages", []))
 
     # --- tools -------------------------------------------------------------------------------
     def jobs(self) -> JobsService:
@@ -249,8 +293,29 @@ class Agent:
         """Add documents to the knowledge base: a user's private part, or the shared one (``user_id=None``)."""
         return self.toolbox.ingest(paths, user_id=user_id)
 
+    # --- user memory and threads (``/memory``, ``/forget``, ``stackwise memory``) ------------------
+    def memory_show(self, user_id: str) -> list[dict]:
+        """Everything kept about ``user_id``: one dict per fact (``key``, ``kind``, ``data``, ``said``, …)."""
+        return self.user_memory.show(user_id)
+
+    def memory_forget(self, user_id: str, key: str | None = None) -> int:
+        """Delete one fact (``key``) or all of ``user_id``'s facts, from disk too; the number deleted."""
+        return self.user_memory.forget(user_id, key)
+
+    def remember(self, user_id: str, text: str) -> list[dict]:
+        """Keep ``text`` (its facts, else a note) for ``user_id``; returns what was kept."""
+        return self.user_memory.remember(user_id, text)
+
+    def threads(self, user_id: str) -> list[dict]:
+        """``user_id``'s threads: ``thread_id``, ``checkpoints``, ``last_active`` (unix time), newest first."""
+        return [{k: t[k] for k in ("thread_id", "checkpoints", "last_active")}
+                for t in self.retention.threads(user_id)]
+
+    def forget_threads(self, user_id: str) -> int:
+        """Delete all of ``user_id``'s threads (the conversations, from disk too); the number deleted."""
+        with self._lock:
+            return self.retention.delete_threads([t["key"] for t in self.retention.threads(user_id)])
+
     def close(self) -> None:
         self.toolbox.close()
-        conn = getattr(self.checkpointer, "conn", None)
-        if conn is not None:
-            conn.close()
+        close_checkpointer(self.checkpointer)

@@ -6,15 +6,19 @@ a call with side effects first passes its preflight and then waits in ``confirm`
 
 Nodes are verbs that return partial state. ``build_graph`` returns the uncompiled builder, so
 tests and LangGraph Studio (``langgraph.json``) compile it with the checkpointer they want.
-The brain (``agent.brains``) fills *route* and *respond*; everything else is shared.
+The brain (``agent.brains``) fills *route* and *respond*; everything else is shared. A brain with
+``route_turn(state)`` plans the whole turn itself, and with ``continues(state)`` is routed again once
+the calls settle (the llm brain: call → observe → call again → answer).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from typing import Any, Literal
 
+from langgraph.config import get_store
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import interrupt
 
@@ -22,6 +26,8 @@ from agent.language import clean_text, detect_language, split_steps
 from agent.state import PlannedCall, TurnState
 from tools.base import ToolError
 from tools.registry import ToolRegistry, call_record
+
+log = logging.getLogger(__name__)
 
 
 def _step(kind: str, text: str) -> dict[str, str]:
@@ -39,27 +45,17 @@ class TurnNodes:
     def understand(self, state: TurnState) -> dict:
         text = clean_text(state.get("text", ""))
         lang = detect_language(text, previous=state.get("lang"))
+        lang, noted = _take_in(text, lang, state.get("user_id"))
         steps = split_steps(text)
-        trace = [_step("plan", self.brain.plan_text(steps, lang))]
+        trace = [_step("plan", self.brain.plan_text(steps, lang)), *noted]
         return {"text": text, "lang": lang, "steps_text": steps, "trace": trace,
                 "messages": [{"role": "user", "content": text}]}
 
     def route(self, state: TurnState) -> dict:
-        memo = dict(state.get("memo") or {})
-        plan: list[PlannedCall] = []
-        trace = list(state["trace"])
-        asked, memo["asked"] = memo.get("asked"), None
-        if asked and len(state["steps_text"]) == 1:
-            # Last turn ended with a question ("which column is the target?"): a short reply answers it.
-            call = self.brain.answer_question(state["steps_text"][0], state["lang"], asked)
-            if call is not None:
-                trace.append(_step("route", self.brain.route_text(call, state["lang"])))
-                return {"plan": [call], "trace": trace, "memo": memo}
-        for step in state["steps_text"]:
-            call = self.brain.route_step(step, state["lang"], memo, state.get("user_id"))
-            plan.append(call)
-            trace.append(_step("route", self.brain.route_text(call, state["lang"])))
-        return {"plan": plan, "trace": trace, "memo": memo}
+        route_turn = getattr(self.brain, "route_turn", None)
+        if route_turn is not None:   # a brain that plans the whole turn itself (the llm brain)
+            return route_turn(state)
+        return route_steps(self.brain, state)
 
     def advance(self, state: TurnState) -> dict:
         """Run the next call of the plan, in order; a side-effect call first gets a preflight and
@@ -146,6 +142,49 @@ class TurnNodes:
                 "messages": [{"role": "assistant", "content": answer}]}
 
 
+def route_steps(brain: Any, state: TurnState) -> dict:
+    """Route each step of the message on its own (the local brain; the llm brain's fallback)."""
+    memo = dict(state.get("memo") or {})
+    plan: list[PlannedCall] = []
+    trace = list(state["trace"])
+    asked, memo["asked"] = memo.get("asked"), None
+    if asked and len(state["steps_text"]) == 1:
+        # Last turn ended with a question ("which column is the target?"): a short reply answers it.
+        call = brain.answer_question(state["steps_text"][0], state["lang"], asked)
+        if call is not None:
+            trace.append(_step("route", brain.route_text(call, state["lang"])))
+            return {"plan": [call], "trace": trace, "memo": memo}
+    for step in state["steps_text"]:
+        call = brain.route_step(step, state["lang"], memo, state.get("user_id"))
+        plan.append(call)
+        trace.append(_step("route", brain.route_text(call, state["lang"])))
+    return {"plan": plan, "trace": trace, "memo": memo}
+
+
+def _take_in(text: str, lang: str, user_id: str | None) -> tuple[str, list[dict[str, str]]]:
+    """With a store (``compile(store=…)``): keep the facts the message states about its writer (user memory) and
+    answer in the language they asked for; the facts kept are shown as a step. A failing store costs the memory,
+    never the turn."""
+    try:
+        store = get_store()
+    except RuntimeError:       # not running inside a graph
+        store = None
+    if store is None or not user_id:
+        return lang, []
+    from memory.fact_text import describe
+    from memory.user_memory import UserMemory
+
+    try:
+        lang, learned = UserMemory(store).read_message(user_id, text, lang)
+    except Exception as exc:   # shown in the trace and logged; the turn goes on without memory
+        log.warning("user memory unavailable: %s", exc)
+        return lang, [_step("observe", f"memory unavailable: {exc}")]
+    if not learned:
+        return lang, []
+    facts = "; ".join(describe(f["kind"], f["data"], lang) for f in learned)
+    return lang, [_step("observe", ("记住：" if lang == "zh" else "remembered: ") + facts)]
+
+
 def _remember(memo: dict, tool: str, record: dict) -> None:
     """What later turns may refer to ("its status", "that file")."""
     result = record.get("result") or {}
@@ -171,15 +210,23 @@ def next_node(state: TurnState) -> Literal["confirm", "advance", "reflect"]:
 
 
 def build_graph(brain: Any, registry: ToolRegistry, make_context: Any) -> StateGraph:
-    """The uncompiled graph; compile it with a checkpointer."""
+    """The uncompiled graph; compile it with a checkpointer (and a store, for user memory)."""
     nodes = TurnNodes(brain, registry, make_context)
     g = StateGraph(TurnState)
     for name in ("understand", "route", "advance", "confirm", "reflect", "respond"):
         g.add_node(name, getattr(nodes, name))
+    continues = getattr(brain, "continues", None)
+
+    def after(state: TurnState) -> Literal["confirm", "advance", "route", "reflect"]:
+        node = next_node(state)
+        if node == "reflect" and continues is not None and continues(state):
+            return "route"   # the llm brain observes the settled calls, then calls again or answers
+        return node
+
     g.add_edge(START, "understand")
     g.add_edge("understand", "route")
     for node in ("route", "advance", "confirm"):
-        g.add_conditional_edges(node, next_node, ["confirm", "advance", "reflect"])
+        g.add_conditional_edges(node, after, ["confirm", "advance", "route", "reflect"])
     g.add_edge("reflect", "respond")
     g.add_edge("respond", END)
     return g

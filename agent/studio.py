@@ -15,7 +15,8 @@ from agent.toolbox import Toolbox
 def make_graph():
     toolbox = Toolbox(Settings.from_env())
     brain = make_local_brain(toolbox)
-    return build_graph(brain, toolbox.registry, toolbox.context_for_turn).compile()
+    # The server brings its own checkpointer; the user-memory store is ours, so Studio turns learn facts too.
+    return build_graph(brain, toolbox.registry, toolbox.context_for_turn).compile(store=toolbox.user_memory().store)
 
 
 graph = make_graph()

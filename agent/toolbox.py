@@ -16,6 +16,7 @@ from tools.registry import ToolRegistry, call_record
 
 if TYPE_CHECKING:
     from agent.jobs import JobsService
+    from memory.user_memory import UserMemory
 
 
 def embedder_factory(name: str | None = None) -> Any:
@@ -46,6 +47,8 @@ class Toolbox:
         self._knowledge = None
         self._knowledge_lock = threading.Lock()
         self._jobs = None
+        self._memory = None
+        self._memory_lock = threading.Lock()
         self._gpu: list[dict[str, Any] | None] = []   # the probed GPU, once
         self._gpu_lock = threading.Lock()
 
@@ -88,6 +91,18 @@ class Toolbox:
         ctx = self.context(user_id or "local")
         return ingest_paths(paths, ctx, shared=user_id is None, progress=progress)
 
+    def user_memory(self) -> UserMemory:
+        """What users told us about themselves (``memory.user_memory``; the store opens on first use, the embedder
+        loads on the first fact or recall)."""
+        if self._memory is None:
+            with self._memory_lock:
+                if self._memory is None:
+                    from memory.user_memory import UserMemory
+
+                    self._memory = UserMemory.open(self.settings.home, self.settings.database_url,
+                                                   embedder_factory(self.settings.router_model))
+        return self._memory
+
     def jobs(self) -> JobsService:
         """Fine-tune jobs: list, show, logs, cancel, resume, and the worker (the store opens on first use)."""
         if self._jobs is None:
@@ -103,6 +118,9 @@ class Toolbox:
         if self._jobs is not None:
             self._jobs.close()
             self._jobs = None
+        if self._memory is not None:
+            self._memory.close()
+            self._memory = None
 
     def context_for_turn(self, state: dict) -> ToolContext:
         """The graph's tool context: this turn's user and language, and where the turn came from (a launched
@@ -111,6 +129,9 @@ class Toolbox:
         if state.get("thread_id"):
             ctx.extras["origin"] = {"channel": state.get("channel") or "python", "thread_id": state["thread_id"],
                                     "lang": state.get("lang", "en")}
+        user = state.get("user_id", "local")
+        # The GPU the user told us about, for the fine-tune preflight's advice (read only when a job is checked).
+        ctx.extras["user_gpu"] = lambda: self.user_memory().profile(user).get("gpu")
         return ctx
 
     def context(self, user_id: str, lang: str = "en") -> ToolContext:

@@ -18,10 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
 
-LATER = {
-    "telegram": "the chat-channels issue",
-    "slack": "the chat-channels issue", "memory": "the memory issue",
-}
+LATER: dict[str, str] = {}
 
 
 def _print_json(obj: Any) -> None:
@@ -64,9 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     tools.add_argument("--json", action="store_true")
 
     ev = sub.add_parser("eval", help="run the evals and print tables")
-    ev.add_argument("suite", nargs="?", default="all", choices=["routing", "retrieval", "answers", "shap", "all"])
+    ev.add_argument("suite", nargs="?", default="all",
+                    choices=["routing", "retrieval", "answers", "shap", "memory", "all"])
     ev.add_argument("--json", action="store_true")
     ev.add_argument("--failures", type=int, default=15, help="how many failures to list")
+    ev.add_argument("--brain", choices=["local", "llm"], help="which brain the routing eval measures")
 
     bench = sub.add_parser("bench", help="run the benchmarks and print a table")
     bench.add_argument("--json", action="store_true")
@@ -78,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     from bots.jobs_commands import add_jobs_parsers
 
     add_jobs_parsers(sub)
+    from bots.memory_commands import add_memory_parser
+
+    add_memory_parser(sub)
     serve = sub.add_parser("serve", help="HTTP API: OpenAI-compatible /v1/chat/completions and native routes")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (not loopback: STACKWISE_API_TOKENS required)")
     serve.add_argument("--port", type=int, default=8000)
@@ -85,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     mcp.add_argument("--http", action="store_true", help="serve streamable HTTP at http://HOST:PORT/mcp")
     mcp.add_argument("--host", default="127.0.0.1")
     mcp.add_argument("--port", type=int, default=8765)
+    tg = sub.add_parser("telegram", help="Telegram bot: long polling, or a webhook (STACKWISE_TELEGRAM_* settings)")
+    tg.set_defaults(run=_cmd_telegram)
+    sl = sub.add_parser("slack", help="Slack bot: Events API over HTTP, or Socket Mode (SLACK_* settings)")
+    sl.add_argument("--host", default="127.0.0.1", help="bind address of the events endpoint (HTTP mode)")
+    sl.add_argument("--port", type=int, default=3000)
+    sl.set_defaults(run=_cmd_slack)
     for name, where in LATER.items():
         sp = sub.add_parser(name, help=f"(arrives with {where})")
         sp.add_argument("rest", nargs=argparse.REMAINDER)
@@ -95,6 +103,18 @@ def _settings(args: argparse.Namespace, **overrides: Any):
     from agent.settings import Settings
 
     return Settings.from_env(home=args.home, **overrides)
+
+
+def _cmd_telegram(args: argparse.Namespace) -> int:
+    from bots.telegram import serve
+
+    return serve(_settings(args))
+
+
+def _cmd_slack(args: argparse.Namespace) -> int:
+    from bots.slack import serve
+
+    return serve(_settings(args), host=args.host, port=args.port)
 
 
 def _user(args: argparse.Namespace) -> str:
@@ -116,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     from bots import commands
 
-    handler = getattr(commands, f"cmd_{args.command}")
+    handler = getattr(args, "run", None) or getattr(commands, f"cmd_{args.command}")
     as_json = bool(getattr(args, "json", False))
     try:
         return handler(args)

@@ -12,6 +12,7 @@ from bots.cli import _print_json, _settings, _user
 
 def known_error(exc: Exception) -> tuple[str, str] | None:
     """(type, message) for errors a user can act on; None for bugs (which keep their traceback)."""
+    from agent.brains.llm_client import LLMError
     from agent.facade import InputError
     from agent.jobs import JobsError
     from agent.settings import SettingsError
@@ -22,10 +23,16 @@ def known_error(exc: Exception) -> tuple[str, str] | None:
         return exc.type, exc.message
     if isinstance(exc, SettingsError):
         return "settings", str(exc)
+    if isinstance(exc, LLMError):
+        return "llm", f"The model endpoint failed ({exc.kind}): {exc.message}"
     if isinstance(exc, StoreError):
         return "store", str(exc)
     if isinstance(exc, KnowledgeError):
         return "knowledge_base", str(exc)
+    from memory.user_memory import UserMemoryError
+
+    if isinstance(exc, UserMemoryError):
+        return "memory", str(exc)
     return None
 
 
@@ -135,7 +142,8 @@ def cmd_mcp(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from evals.runner import run_evals
 
-    return run_evals(args.suite, settings=_settings(args), as_json=args.json, failures=args.failures)
+    return run_evals(args.suite, settings=_settings(args, brain=args.brain), as_json=args.json,
+                     failures=args.failures)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

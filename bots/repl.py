@@ -30,17 +30,14 @@ EXAMPLES = (
     "how similar are 'king' and 'queen'?",
     "fine-tune Qwen2.5-0.5B on data.jsonl with lora rank 8",
 )
-LATER = {
-    "/memory": "Long-term user memory (/memory, /forget)",
-    "/forget": "Long-term user memory (/memory, /forget)",
-}
+LATER: dict[str, str] = {}
 HELP = (
     ("/help", "this list"),
     ("/new", "start a fresh thread"),
     ("/tools", "what I can do, and which tools ask before they act"),
     ("/history", "the messages of this thread"),
-    ("/memory", "what I remember about you (later version)"),
-    ("/forget", "forget what I remember about you (later version)"),
+    ("/memory", "what I keep about you: facts you told me, and your threads"),
+    ("/forget", "/forget KEY deletes one fact, /forget all facts, /forget all also your threads and line history"),
     ("/jobs", "your fine-tune jobs (their end is announced here as it happens)"),
     ("/quit", "leave (also /exit or Ctrl-D)"),
 )
@@ -88,9 +85,11 @@ class Repl:
         self.console = console
         self.commands: dict[str, Callable[[], None]] = {
             "/help": self.cmd_help, "/new": self.cmd_new, "/tools": self.cmd_tools, "/history": self.cmd_history,
-            "/quit": self.cmd_quit, "/exit": self.cmd_quit, "/jobs": self.cmd_jobs,
+            "/quit": self.cmd_quit, "/exit": self.cmd_quit, "/jobs": self.cmd_jobs, "/memory": self.cmd_memory,
         }
         self.watcher: Any = None
+        self.streamed = ""      # answer tokens printed so far this turn
+        self.midline = False    # the last token left the cursor mid-line
 
     # --- the loop ----------------------------------------------------------------------------
     def run(self) -> int:
@@ -147,6 +146,9 @@ class Repl:
             return
         word = text.split()[0]
         if word.startswith("/") and "/" not in word[1:]:  # "/etc/passwd …" is a message, not a command
+            if word.lower() == "/forget":
+                self.cmd_forget(text[len(word):].strip())
+                return
             self.command(word.lower())
         else:
             self.turn(line)
@@ -178,13 +180,25 @@ class Repl:
 
     def show(self, event: dict) -> None:
         kind = event.get("type")
+        if kind == "token":          # the llm brain's answer as it is written
+            if not self.midline:
+                self.console.print()
+            self.streamed += event["text"]
+            self.midline = True
+            self.console.print(event["text"], end="", markup=False, emoji=False, highlight=False)
+            return
+        if self.midline:
+            self.console.print()
+            self.midline = False
         if kind == "step":
             self.console.print(Text(f"  · {event['kind']}: {event['text']}", style="dim"), emoji=False)
         elif kind == "reply":
             self.show_reply(event["reply"])
 
     def show_reply(self, reply: Any) -> None:
-        self.console.print(reply.answer, markup=False, emoji=False)
+        streamed, self.streamed = self.streamed, ""
+        if streamed.strip() != reply.answer.strip():   # the checked answer differs from what streamed: show it
+            self.console.print(reply.answer, markup=False, emoji=False)
         for att in reply.attachments:
             caption = f" — {att.caption}" if att.caption else ""
             self.console.print(f"📎 {att.path}{caption}", markup=False, emoji=False, soft_wrap=True)
@@ -257,12 +271,78 @@ class Repl:
             if row.get("error"):
                 self.console.print(Text(f"           {row['error']}", style="red"), emoji=False)
 
+    def cmd_memory(self) -> None:
+        """Everything kept about this user: each fact with its key and the words it came from, and the threads."""
+        show = getattr(self.agent, "memory_show", None)
+        if show is None:
+            self.say("[yellow]This agent keeps no user memory.[/yellow]")
+            return
+        try:
+            facts = show(self.user_id)
+            threads = getattr(self.agent, "threads", lambda user: [])(self.user_id)
+        except Exception as exc:
+            self.error(exc)
+            return
+        if not facts:
+            self.say("[dim](I keep no facts about you — tell me, e.g. \"my GPU is an RTX 4090 with 24 GB\")[/dim]")
+        for fact in facts:
+            self.console.print(Text.assemble((f"  [{fact['key']}] ", "bold"), _fact_text(fact)), emoji=False)
+            self.console.print(Text(f"      you said: {fact.get('said', '')}", style="dim"), emoji=False)
+        if threads:
+            self.console.print(Text(f"  threads: {', '.join(t['thread_id'] for t in threads)}", style="dim"),
+                               emoji=False)
+        self.say("[dim]/forget KEY deletes one fact, /forget all facts, /forget all also the threads[/dim]")
+
+    def cmd_forget(self, arg: str = "") -> None:
+        """Delete one fact (``/forget KEY``), all facts (``/forget``), or facts, threads and line history
+        (``/forget all``) — from disk, not just from view."""
+        forget = getattr(self.agent, "memory_forget", None)
+        if forget is None:
+            self.say("[yellow]This agent keeps no user memory.[/yellow]")
+            return
+        everything = arg.lower() in ("all", "everything")
+        try:
+            if arg and not everything:
+                if not forget(self.user_id, arg):
+                    self.say(f"[yellow]No fact {_escape(arg)} — /memory lists the keys.[/yellow]")
+                    return
+                self.say(f"Forgot [bold]{_escape(arg)}[/bold] (deleted from disk).")
+                return
+            facts = forget(self.user_id)
+            threads = self.agent.forget_threads(self.user_id) if everything else 0
+        except Exception as exc:
+            self.error(exc)
+            return
+        if everything:
+            self.forget_line_history()
+            self.say(f"Deleted {facts} fact(s), {threads} thread(s) and this terminal's line history (from disk).")
+        else:
+            self.say(f"Deleted {facts} fact(s) (from disk). Your threads are kept; /forget all deletes them too.")
+
+    def forget_line_history(self) -> None:
+        """The REPL's own record of what was typed (readline history and its file)."""
+        if self.input is input:
+            try:
+                import readline
+
+                readline.clear_history()
+            except ImportError:
+                pass
+        history = Path(self.agent.settings.home) / "repl_history"
+        history.unlink(missing_ok=True)
+
     def cmd_quit(self) -> None:
         """Leave the REPL."""
         raise _Quit
 
     def say(self, markup: str) -> None:
         self.console.print(markup, emoji=False)
+
+
+def _fact_text(fact: dict) -> str:
+    from memory.fact_text import describe
+
+    return describe(fact.get("kind", "note"), fact.get("data") or {}, "en")
 
 
 def _first_sentence(description: str) -> str:

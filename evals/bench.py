@@ -1,4 +1,5 @@
-"""``stackwise bench``: cold CLI start, warm turn overhead, embedding throughput and SHAP speed, as one table.
+"""``stackwise bench``: cold CLI start, warm turn overhead, embedding throughput, SHAP speed, thread-store growth
+with and without retention, and kill -9 durability, as one table.
 
 - cold ``stackwise ask``: wall time of a new process answering one message (median of N runs on a
   prepared home, i.e. after the first run that caches the router's exemplar embeddings);
@@ -92,7 +93,9 @@ def run_bench(*, settings: Any, as_json: bool = False, quick: bool = False) -> i
     from evals.bench_embedding import bench_embedding
     from evals.bench_http import bench_http
     from evals.bench_kb import bench_kb
+    from evals.bench_memory import bench_growth, bench_kill, format_memory_bench
     from evals.bench_shap import bench_shap
+    from evals.bench_telegram import bench_telegram
 
     results = {
         "cold_ask": bench_cold(runs=2 if quick else 3),
@@ -101,7 +104,10 @@ def run_bench(*, settings: Any, as_json: bool = False, quick: bool = False) -> i
         "embedding": bench_embedding(n=300 if quick else 1000),
         "knowledge_base": bench_kb(settings, n_chunks=3000 if quick else 10_000),
         "http": bench_http(settings.with_(home=Path(tempfile.mkdtemp(prefix="sw-http-bench-")))),
+        "telegram": bench_telegram(),
         "shap": bench_shap(repeat=1 if quick else 3),
+        "memory_growth": bench_growth(settings, turns=250 if quick else 1000),
+        "kill9": bench_kill(trials=5 if quick else 20),
     }
     if as_json:
         sys.stdout.write(json.dumps(results) + "\n")
@@ -126,6 +132,9 @@ def run_bench(*, settings: Any, as_json: bool = False, quick: bool = False) -> i
         (f"HTTP: {h['requests']} chat completions over {h['threads']} threads", f"{h['errors']} errors, "
          f"{h['throughput_rps']:.0f} req/s, p95 {h['latency_p95_ms']:.0f} ms, interleaved {h['interleaved_threads']}",
          "0 errors, 0 interleaved"),
+        (f"Telegram: {results['telegram']['chats']} chats × 5 messages, 10 % of edits 429", f"lost "
+         f"{results['telegram']['lost']}, duplicated {results['telegram']['duplicated']}, added latency p95 "
+         f"{results['telegram']['added_p95_ms']:.0f} ms", "0 / 0, p95 ≤ 1 s"),
         (f"shap explain vs raw TreeExplainer, {s['explained_rows']} rows", f"{s['tool_explain_s']:.2f} vs "
          f"{s['raw_s']:.2f} s (ratio {s['ratio_no_plots']:.2f})", "≤ 1.2×"),
         ("shap explain + plots + report vs raw", f"ratio {s['ratio_with_plots']:.2f} "
@@ -134,6 +143,7 @@ def run_bench(*, settings: Any, as_json: bool = False, quick: bool = False) -> i
          f"(read {s['stages']['read']:.1f}, model {s['stages']['model']:.1f}, explain {s['stages']['explain']:.1f})",
          "≤ 30 s"),
     ]
+    rows += format_memory_bench(results["memory_growth"], results["kill9"])
     width = max(len(r[0]) for r in rows) + 2
     print(f"{'benchmark':<{width}}{'measured':<44}target")
     for name, value, target in rows:

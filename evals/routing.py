@@ -1,4 +1,8 @@
-"""Routing eval: does the local brain pick the right tools, in order, with the right key args?
+"""Routing eval: does a brain pick the right tools, in order, with the right key args?
+
+The local brain routes each step of a message; the llm brain (``stackwise eval routing --brain llm``)
+gets the whole message and is scored on the tool calls its model makes (``predict_calls``), so the
+same table compares a model with the local router.
 
 Cases live in ``evals/cases/routing.jsonl`` (``id``, ``lang``, ``text``, ``expect``). A case's tools
 are right when the predicted tool sequence equals the expected one (no tool for chit-chat); its
@@ -50,6 +54,8 @@ def args_match(expected: dict, got: dict) -> list[str]:
 def predict(brain: Any, text: str) -> list[dict]:
     from agent.language import clean_text, detect_language, split_steps
 
+    if hasattr(brain, "predict_calls"):     # the llm brain: the model sees the whole message
+        return [{"tool": c["tool"], "args": c["args"]} for c in brain.predict_calls(text)]
     text = clean_text(text)
     lang = detect_language(text)
     calls = [brain.route_step(step, lang, {}) for step in split_steps(text)]
@@ -88,12 +94,13 @@ def run_routing(brain: Any, cases: list[dict] | None = None) -> dict:
     elapsed = time.perf_counter() - started
     table = [{"group": g, "lang": lang, "n": r["n"], "tool_acc": r["tool"] / r["n"], "args_acc": r["args"] / r["n"]}
              for (g, lang), r in sorted(rows.items())]
-    return {"cases": len(cases), "ms_per_case": 1000 * elapsed / max(1, len(cases)), "table": table,
-            "failures": failures}
+    return {"brain": getattr(brain, "label", getattr(brain, "name", type(brain).__name__)), "cases": len(cases),
+            "ms_per_case": 1000 * elapsed / max(1, len(cases)), "table": table, "failures": failures}
 
 
 def format_routing(report: dict, *, show_failures: int = 20) -> str:
-    lines = [f"routing eval: {report['cases']} cases, {report['ms_per_case']:.1f} ms/case",
+    brain = f" ({report['brain']})" if report.get("brain") else ""
+    lines = [f"routing eval{brain}: {report['cases']} cases, {report['ms_per_case']:.1f} ms/case",
              f"{'group':<22}{'lang':<6}{'n':>5}{'tool acc':>11}{'args acc':>11}"]
     for row in report["table"]:
         lines.append(f"{row['group']:<22}{row['lang']:<6}{row['n']:>5}{row['tool_acc']:>10.1%}{row['args_acc']:>11.1%}")

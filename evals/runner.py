@@ -23,7 +23,7 @@ def _brain(settings: Any):
 
 
 def run_evals(suite: str, *, settings: Any, as_json: bool = False, failures: int = 15) -> int:
-    suites = ["routing", "retrieval", "answers", "shap"] if suite == "all" else [suite]
+    suites = ["routing", "retrieval", "answers", "shap", "memory"] if suite == "all" else [suite]
     results: dict[str, Any] = {}
     agent = None
     try:
@@ -51,6 +51,15 @@ def run_evals(suite: str, *, settings: Any, as_json: bool = False, failures: int
                     if not as_json:
                         print(f"\n== retrieval, {label} ({path.name}) ==")
                         print(retrieval.format_retrieval(report, show_failures=failures))
+            elif name == "memory":
+                from evals import memory_eval
+
+                for label, path in memory_eval.MEMORY_SETS.items():
+                    results[f"memory:{label}"] = report = memory_eval.run_memory_eval(settings,
+                                                                                      memory_eval.load_cases(path))
+                    if not as_json:
+                        print(f"\n== memory, {label} ({path.name}): facts stated, then used after a restart ==")
+                        print(memory_eval.format_memory(report, show_failures=failures))
             elif name == "answers":
                 from evals.answers import format_answers, run_answers
 

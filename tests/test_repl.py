@@ -141,7 +141,7 @@ def test_bad_input_is_one_clear_line_and_the_repl_goes_on(chat):
     assert "control character" in shown
     assert "Traceback" not in shown
     assert "/help" in say(child, "/frobnicate")
-    assert "later version" in say(child, "/memory")
+    assert "I keep no facts about you" in say(child, "/memory")
     assert "no fine-tune jobs yet" in say(child, "/jobs")
     assert say(child, "   ").strip() == ""  # a blank line is no turn
     child.send("half a thought")
@@ -282,7 +282,7 @@ def test_commands(tmp_path):
     assert "Embed texts." in shown and "And more" not in shown
     assert next(line for line in shown.splitlines() if "launch_finetune" in line).endswith("[asks first]")
     assert "you: hi [there]" in shown and "stackwise: hello" in shown
-    assert "later version" in shown
+    assert "keeps no user memory" in shown   # an agent without memory_show
     assert "Unknown command /frobnicate" in shown
     assert "New thread cli:alice:" in shown
     assert agent.seen == []  # commands never start a turn

@@ -26,6 +26,9 @@ def resolve_user_path(raw: str, ctx: ToolContext, *, must_exist: bool = True) ->
     inside, escaped = [], False
     for cand in candidates:
         real = cand.resolve()
+        if _other_users_data(real, ctx):
+            escaped = True   # inside $STACKWISE_HOME but not this user's uploads: never, whatever the roots say
+            continue
         if any(real == r or real.is_relative_to(r) for r in roots):
             inside.append(real)
             if not must_exist or real.exists():
@@ -36,3 +39,10 @@ def resolve_user_path(raw: str, ctx: ToolContext, *, must_exist: bool = True) ->
         names = ", ".join(str(r) for r in roots)
         raise ToolError("forbidden_path", f"{raw!r} is outside the folders I may read ({names}).")
     raise ToolError("not_found", f"I can't find {raw!r} in your uploads or the working directory.")
+
+
+def _other_users_data(real: Path, ctx: ToolContext) -> bool:
+    """``real`` lies in the stackwise home (threads, memory, jobs, every user's uploads and reports) outside this
+    user's own uploads folder — reachable as a relative path when the working directory contains the home."""
+    home, own = Path(ctx.home).resolve(), ctx.uploads_dir.resolve()
+    return (real == home or real.is_relative_to(home)) and not (real == own or real.is_relative_to(own))

@@ -14,6 +14,9 @@ from agent import templates as T
 from agent.router import SemanticRouter, looks_like_question
 from agent.slots import extract_slots, fill_args
 from agent.state import PlannedCall, TurnState
+from memory.facts import is_question
+from memory.intents import memory_intent
+from memory.recall import acknowledged, apply_profile, memory_call
 from tools.base import Tool
 from tools.registry import ToolRegistry
 
@@ -34,21 +37,38 @@ def make_local_brain(toolbox: Any, router_embedder: Any = None) -> LocalBrain:
     embedder = router_embedder or embedder_factory(settings.router_model)
     router = SemanticRouter(list(toolbox.registry), embedder, threshold=settings.router_threshold,
                             cache_dir=settings.cache_dir)
-    return LocalBrain(toolbox.registry, router, knowledge=toolbox.knowledge)
+    return LocalBrain(toolbox.registry, router, knowledge=toolbox.knowledge, memory=toolbox.user_memory)
 
 
 class LocalBrain:
     name = "local"
 
-    def __init__(self, registry: ToolRegistry, router: SemanticRouter, knowledge: Any = None):
+    def __init__(self, registry: ToolRegistry, router: SemanticRouter, knowledge: Any = None, memory: Any = None):
         self.registry = registry
         self.router = router
         self.knowledge = knowledge
+        self.memory = memory    # () -> UserMemory: what users told us about themselves
 
     # --- route -----------------------------------------------------------------------------
     def route_step(self, step: str, lang: str, memo: dict[str, Any], user_id: str | None = None) -> PlannedCall:
+        intent = memory_intent(step) if self.memory is not None and user_id else None
+        if intent is not None and intent[0] != "recall":
+            return memory_call(step, self.memory(), user_id, intent, lang)
+        # A question about what the user told us: a fact that clearly answers it wins over the router.
+        answer = self.memory().answer(user_id, step, lang, sure=True) if intent is not None else None
         slots = extract_slots(step, lang)
         decision = self.router.route(step, slots)
+        if answer is None and self.memory is not None and user_id and decision.tool in (None, "explain_concept"):
+            # A memory question the router took for small talk or a concept, or a plain statement of facts.
+            # Worded as a memory question, or about the asker with nothing else to do: memory answers.
+            if intent is not None and (intent[1] != "maybe" or decision.tool is None):
+                answer = self.memory().answer(user_id, step, lang)
+            if answer is None and not is_question(step):
+                answer = acknowledged(self.memory(), user_id, step, lang)
+        if answer is not None:
+            action = "recall" if intent else "noted"
+            return {"step": step, "tool": None, "args": {}, "score": 1.0, "status": "memory", "record": None,
+                    "why": action, "memory": {"action": action, "answer": answer}}
         if decision.tool is None and "explain_concept" in self.registry and self._documents_answer(step, user_id):
             tool = self.registry.get("explain_concept")
             return {"step": step, "tool": tool.name, "args": fill_args(tool.args_model, slots, lang) | {"query": step},
@@ -60,8 +80,11 @@ class LocalBrain:
         tool = self.registry.get(decision.tool)
         args = fill_args(tool.args_model, slots, lang)
         self._resolve_references(tool, args, memo)
+        why = decision.explain()
+        if self.memory is not None and user_id:
+            why += "".join(f"; {n}" for n in apply_profile(self.memory(), user_id, tool, args, step))
         return {"step": step, "tool": tool.name, "args": args, "score": decision.score, "status": "planned",
-                "record": None, "why": decision.explain()}
+                "record": None, "why": why}
 
     def _documents_answer(self, step: str, user_id: str | None) -> bool:
         """Whether a question-shaped step is answered by the user's (or the shared) documents."""
@@ -130,6 +153,8 @@ class LocalBrain:
 
     @staticmethod
     def route_text(call: PlannedCall, lang: str) -> str:
+        if call.get("memory"):
+            return ("用户记忆：" if lang == "zh" else "user memory: ") + str(call.get("why"))
         if not call.get("tool"):
             return ("闲聊/帮助，不调用工具" if lang == "zh" else "chit-chat/help — no tool") + f" ({call.get('why')})"
         args = json.dumps(call["args"], ensure_ascii=False)
@@ -194,6 +219,8 @@ class LocalBrain:
         return "\n\n".join(p for p in (self._call_answer(c, lang) for c in settled) if p)
 
     def _call_answer(self, call: PlannedCall, lang: str) -> str:
+        if call.get("memory"):
+            return call["memory"]["answer"]
         if not call.get("tool"):
             return T.chat_reply(call["step"], lang)
         record = call.get("record")

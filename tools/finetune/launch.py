@@ -10,6 +10,9 @@ Base models, offline only:
 - ``modelscope:org/name`` found in the ModelScope cache (``ctx.extras["modelscope_cache_dir"]``,
   else ``$MODELSCOPE_CACHE``, else ``~/.cache/modelscope/hub``).
 
+The GPU the user told us they have (``ctx.extras["user_gpu"]``, from user memory) adds advice to the preflight:
+a warning with the QLoRA estimate when the job will not fit it (it never blocks: the worker's GPU decides).
+
 The worker's GPU comes from ``ctx.extras["worker_gpu"]``: ``{"name", "memory_gb"}`` for a known GPU,
 ``None`` for a known CPU-only worker, or a callable returning one of those (a probe run only when a job is
 checked); without the key the GPU is unknown — no fit verdict, QLoRA is not
@@ -29,19 +32,20 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import re
 import shutil
 import tempfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from tools.base import ToolContext, ToolError, safe_segment
 from tools.finetune.data import TOKENIZER_FILES, PreparedData, load_tokenizer, render_dataset
-from tools.finetune.preflight import preflight, tokens_per_second
+from tools.finetune.preflight import preflight, tokens_per_second, user_gpu_advice
 from tools.finetune.rundir import RunPaths
 from tools.finetune.spec import FinetuneSpec
 from tools.finetune.status import open_jobs
@@ -54,6 +58,7 @@ MEMO_MAX_ROWS = 200_000          # bigger data sets are rendered again after "ye
 ORG_GUESSES = {"qwen": "Qwen", "deepseek": "deepseek-ai", "llama": "meta-llama", "meta-llama": "meta-llama",
                "mistral": "mistralai", "gemma": "google", "phi": "microsoft", "smollm": "HuggingFaceTB"}
 NEXT = "the worker runs it: `stackwise worker`"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -216,7 +221,7 @@ def check_job(spec: FinetuneSpec, ctx: ToolContext) -> CheckedJob:
     key = (_stamp(data_path), _stamp(config_path), spec.model_dump_json(), gpu_known, json.dumps(gpu))
     with _memo_lock:
         if key in _memo:
-            return _memo[key]
+            return _with_user_gpu(_memo[key], ctx)
     tokenizer_file = next(model.path / f for f in TOKENIZER_FILES if (model.path / f).is_file())
     tokenizer = _tokenizer(str(model.path), _stamp(tokenizer_file))
     if tokenizer is None:
@@ -245,7 +250,29 @@ def check_job(spec: FinetuneSpec, ctx: ToolContext) -> CheckedJob:
         with _memo_lock:
             _memo.clear()
             _memo[key] = checked
-    return checked
+    return _with_user_gpu(checked, ctx)
+
+
+def _with_user_gpu(checked: CheckedJob, ctx: ToolContext) -> CheckedJob:
+    """The check plus advice for the GPU the user told us about (``ctx.extras["user_gpu"]``: a GPU description or a
+    callable returning one); the memoised check is left as it was."""
+    user_gpu = ctx.extras.get("user_gpu")
+    if callable(user_gpu):
+        try:
+            user_gpu = user_gpu()
+        except Exception as exc:    # the user memory is advice: a broken store must not stop a launch
+            log.warning("could not read the user's GPU from memory: %s", exc)
+            user_gpu = None
+    if not user_gpu:
+        return checked
+    try:
+        config = _read_config(checked.model.path, checked.model.ref)
+    except ToolError:
+        config = None
+    advice = user_gpu_advice(checked.spec, config, checked.report, user_gpu, ctx.lang)
+    report = {**checked.report, "user_gpu": user_gpu,
+              "warnings": [*checked.report["warnings"], *([advice] if advice else [])]}
+    return replace(checked, report=report)
 
 
 def _assume_unknown_gpu(report: dict, spec: FinetuneSpec) -> None:

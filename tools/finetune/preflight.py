@@ -307,3 +307,51 @@ def _model_checks(result: dict, spec, config: dict, gpu: dict | None, lengths: d
                                  + ("" if known else " (unknown GPU, assumed A100-class)")})
     if gpu is None and seconds > 3600:
         _warn(warnings, "warning", "slow_on_cpu", f"On CPU this takes about {seconds / 3600:,.0f} h; use a GPU.")
+
+
+def user_gpu_advice(spec, config: dict | None, report: dict, user_gpu: dict | None, lang: str = "en") -> dict | None:
+    """Advice for the GPU the user told us they have (user memory; the worker's GPU may be another): a warning
+    with the QLoRA estimate when the job will not fit it, an info line when it fits, None without a GPU
+    description or a model size. The user's "GB" are taken as GiB."""
+    zh = lang == "zh"
+    if not user_gpu:
+        return None
+    if user_gpu.get("none"):
+        if spec.method != "qlora":
+            return None
+        return {"level": "warning", "code": "user_no_gpu", "message": (
+            "你说过你没有 GPU：QLoRA 需要 CUDA GPU，只能在有 GPU 的 worker 上运行。" if zh else
+            "You told me you have no GPU: QLoRA needs a CUDA GPU, so it only runs on a worker that has one.")}
+    memory_gb, name = user_gpu.get("memory_gb"), user_gpu.get("name") or ("你的显卡" if zh else "your GPU")
+    if not memory_gb or not config or not report.get("vram"):
+        return None
+    seq, budget = report["vram"]["seq"], float(memory_gb) * FIT_SHARE
+
+    def need(method: str) -> float:
+        params = count_params(config, method, spec.lora_rank, spec.target_modules)
+        return min(estimate_vram(params, method, spec.batch_size, seq, checkpointing=c)["total_gb"] for c in (0, 1))
+
+    try:
+        needed = need(spec.method)
+        qlora = need("qlora") if spec.method != "qlora" else needed
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
+    gb = f"{float(memory_gb):g}"
+    if needed <= budget:
+        return {"level": "info", "code": "user_gpu_fits", "message": (
+            f"放得下你的 {name}（{gb} GB）：约 {needed:.1f} GiB。" if zh else
+            f"Fits your {name} ({gb} GB): about {needed:.1f} GiB.")}
+    method = {"lora": "LoRA", "qlora": "QLoRA", "full": "全参" if zh else "full fine-tuning"}[spec.method]
+    if spec.method != "qlora" and qlora <= budget:
+        return {"level": "warning", "code": "user_gpu_no_fit", "suggest": {"method": "qlora"}, "message": (
+            f"你说过你的显卡是 {name}（{gb} GB）：这个 {method} 任务即使开启梯度检查点"
+            f"也需要约 {needed:.0f} GiB，放不下。改用 QLoRA 约需 {qlora:.1f} GiB，可以放下——"
+            "回复“否”，再用 QLoRA 重新提交（例如“……用 qlora”）。" if zh else
+            f"On your {name} ({gb} GB, as you told me) this {method} job does not fit: it needs about {needed:.0f} GiB "
+            f"even with gradient checkpointing. QLoRA would need about {qlora:.1f} GiB and fits — answer no and ask "
+            "again with QLoRA (e.g. \"… with qlora\").")}
+    return {"level": "warning", "code": "user_gpu_no_fit", "message": (
+        f"你说过你的显卡是 {name}（{gb} GB）：这个任务约需 {min(needed, qlora):.0f} GiB"
+        "（QLoRA 也放不下）。请换更小的模型，或减小 batch_size / max_seq_len。" if zh else
+        f"On your {name} ({gb} GB, as you told me) this job does not fit: it needs about {min(needed, qlora):.0f} GiB "
+        "even with QLoRA. Use a smaller model, batch_size or max_seq_len.")}
