@@ -267,6 +267,16 @@ class Agent:
                 return Reply(thread_id=thread_id, answer=T.NOTHING_PENDING[lang])
         return self.ask("yes" if approve else "no", thread_id=thread_id, user_id=user_id)
 
+    def pending(self, thread_id: str, *, user_id: str = "local") -> dict | None:
+        """The confirmation the thread waits for (``{"id", "tool", "args", "preview"}``, as in ``Reply.pending``),
+        or None. It lives in the thread's checkpoint, so a channel can check a button against it after a restart."""
+        with self._store_errors():
+            interrupts = self._pending_interrupts(self._config(thread_id, user_id))
+        if not interrupts:
+            return None
+        request = interrupts[0].value
+        return {"id": request["id"], "tool": request["tool"], "args": request["args"], "preview": request["preview"]}
+
     def history(self, thread_id: str, *, user_id: str = "local") -> list[dict[str, str]]:
         with self._store_errors():
             return list(self.graph.get_state(self._config(thread_id, user_id)).values.get("messages", []))

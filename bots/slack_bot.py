@@ -290,11 +290,13 @@ class SlackBot(CommandsMixin):
         async with self.turns.turn(key):
             where = Where(channel, value["r"], user, self.book.get(key), lang)
             try:
-                waiting = self.pending.get(where.thread_id)
-                if waiting is None or waiting.id != value.get("p"):
+                # The thread's checkpoint says what it waits for, so buttons from before a restart still work.
+                current = await self.turns.call(None, self.agent.pending, where.thread_id,
+                                                user_id=self.user_id(user))
+                if current is None or current["id"] != value.get("p"):
                     await self.whisper(channel, user, say_text("expired", lang), where.root_ts)
                     return
-                if approve and waiting.tool in NEEDS_ADMIN and not self.may_finetune(user):
+                if approve and current["tool"] in NEEDS_ADMIN and not self.may_finetune(user):
                     await self.whisper(channel, user, say_text("admins_only", lang), where.root_ts)
                     return
                 self.pending.pop(where.thread_id, None)

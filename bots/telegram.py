@@ -33,7 +33,7 @@ from telegram import (  # noqa: E402
     ReplyParameters,
     Update,
 )
-from telegram.constants import ChatAction, ParseMode  # noqa: E402
+from telegram.constants import ChatAction, ChatType, ParseMode  # noqa: E402
 from telegram.ext import (  # noqa: E402
     Application,
     CallbackQueryHandler,
@@ -60,7 +60,6 @@ class TelegramBot(CommandsMixin):
         self.turns = turns or C.TurnQueue(1)
         self.book = C.ThreadBook(Path(agent.settings.home) / "telegram" / "threads.json")
         self.throttle = C.EditThrottle(config.edit_interval)
-        self.pending: dict[str, str] = {}      # thread id -> the pending confirmation its buttons answer
         self.refused: set[str] = set()         # users told once that the bot is not theirs
         self.watcher: Any = None
         self.app = self._build()
@@ -202,12 +201,9 @@ class TelegramBot(CommandsMixin):
         Call it holding the thread's turn."""
         parts = C.reply_parts(reply)
         markup = None
-        if parts.pending is None:
-            self.pending.pop(reply.thread_id, None)
-        elif self.may_finetune(user) or parts.pending.tool not in NEEDS_ADMIN:
-            self.pending[reply.thread_id] = parts.pending.id
+        if parts.pending is not None and (self.may_finetune(user) or parts.pending.tool not in NEEDS_ADMIN):
             markup = confirm_keyboard(parts.pending, user)
-        else:   # not theirs to approve: decline at once, so the thread is not left waiting
+        elif parts.pending is not None:   # not theirs to approve: decline at once, so the thread is not left waiting
             declined = await self.turns.call(None, self.agent.resume, reply.thread_id, False,
                                              user_id=self.user_id(user))
             parts = C.reply_parts(declined.model_copy(update={
@@ -248,17 +244,19 @@ class TelegramBot(CommandsMixin):
             return
         _, approve, owner, pending_id = query.data.split(":", 3)
         user, chat = query.from_user, update.effective_chat
-        if str(user.id) != owner:
+        # In a private chat the chat is the user's own: a press claiming another chat is never theirs.
+        if str(user.id) != owner or (chat.type == ChatType.PRIVATE and chat.id != user.id):
             await query.answer(text_for("not_yours", user), show_alert=True)
             return
         key = self.thread_key(chat, user)
         async with self.turns.turn(key):
             thread_id = self.book.get(key)
-            if self.pending.get(thread_id) != pending_id:
+            # The thread's checkpoint says what it waits for, so buttons from before a restart still work.
+            current = await self.turns.call(None, self.agent.pending, thread_id, user_id=self.user_id(user))
+            if current is None or current["id"] != pending_id:
                 await query.answer(text_for("expired", user), show_alert=True)
                 return
             await query.answer()
-            self.pending.pop(thread_id, None)
             try:
                 await query.edit_message_reply_markup(reply_markup=None)
             except Exception as exc:   # the buttons staying is cosmetic; the answer below still comes

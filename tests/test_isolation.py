@@ -3,8 +3,12 @@ to bob, whichever channel either of them uses, including by asking the agent ("w
 
 Channels driven here: Python (``Agent``), CLI (``stackwise`` processes), HTTP (the ``stackwise serve`` app on
 loopback with bearer tokens) and MCP (``stackwise mcp`` over stdio, one server per user, ``STACKWISE_MCP_USER``).
-All share one ``$STACKWISE_HOME``, as a deployment running several channels would. Telegram and Slack join at the
-section marked "TELEGRAM AND SLACK JOIN HERE" at the end (the bots are being built in parallel).
+All share one ``$STACKWISE_HOME``, as a deployment running several channels would.
+
+The chat bots are driven the same way (alice's fact, upload, SHAP report and launched fine-tune; bob's memory, jobs,
+cancel, button presses, her file by name and "what did the other user ask?") next to their other tests, where the
+real bot runs against a fake server: ``tests/test_telegram.py::test_isolation_two_users_share_nothing`` and
+``tests/test_slack.py::test_isolation_two_users_share_nothing``.
 """
 
 from __future__ import annotations
@@ -224,13 +228,3 @@ def test_a_working_directory_that_contains_the_home_does_not_open_other_users_up
     record = world.agent.call_tool("shap_report", {"data": relative, "target": "churn"}, user_id="bob")
     assert record["error"]["type"] == "forbidden_path"
 
-
-# --- TELEGRAM AND SLACK JOIN HERE -------------------------------------------------------------------
-# The Telegram and Slack bots are being built in parallel (bots/telegram*.py, bots/slack*.py, with fake servers in
-# tests/fake_telegram.py and tests/fake_slack.py). When they land, each gets the test below for real: alice and bob
-# as two chat users of the fake server; alice states a fact, uploads alice_churn.csv, asks for a SHAP report and
-# launches a job; bob's /memory, /jobs, uploads, "what did the other user ask?" and button presses on alice's
-# confirmation must show none of it (assert with _leaks, as the channels above do).
-@pytest.mark.parametrize("channel", ["telegram", "slack"])
-def test_chat_bots_keep_two_users_apart(channel):
-    pytest.skip(f"the {channel} bot joins this suite when it lands (see the note above)")

@@ -186,3 +186,18 @@ def test_the_repl_prints_announcements_and_lists_jobs(tmp_path):
     assert "ft-2     running" in shown and "3/10" in shown and "loss 1.5" in shown
     assert "ft-1     failed" in shown and "no GPU" in shown
     assert agent.watching[0][0] == "alice" and agent.watching[0][1].stopped      # stopped when the REPL ends
+
+
+def test_the_pending_confirmation_can_be_read_back_and_survives_a_new_agent(agents, tmp_path):
+    telegram, _ = agents
+    reply = telegram.ask(LAUNCH, thread_id="tg-pending", user_id="gina")
+    assert reply.pending is not None
+    assert telegram.pending("tg-pending", user_id="gina") == reply.pending.model_dump()
+    assert telegram.pending("tg-pending", user_id="hank") is None          # another user's thread: nothing
+    again = Agent(telegram.settings, channel="telegram")                   # a restarted bot process
+    try:
+        assert again.pending("tg-pending", user_id="gina")["id"] == reply.pending.id
+        again.resume("tg-pending", False, user_id="gina")
+        assert again.pending("tg-pending", user_id="gina") is None
+    finally:
+        again.close()

@@ -361,6 +361,107 @@ def test_two_users_interleaved_stay_apart(sender, slack, agent):
     assert "alpha" in texts[0] and "gamma" in texts[1] and "alpha" not in texts[1]
 
 
+def alice_churn_csv(rows: int = 240) -> bytes:
+    """A churn table whose column names (support_calls, tenure…) are alice's: bob must never see them."""
+    import random
+
+    rng = random.Random(3)
+    lines = ["tenure,monthly,support_calls,churn"]
+    for _ in range(rows):
+        tenure, monthly, calls = rng.randint(1, 72), rng.randint(20, 120), rng.randint(0, 9)
+        churn = int(calls > 5 or (tenure < 12 and monthly > 80) or rng.random() < 0.1)
+        lines.append(f"{tenure},{monthly},{calls},{churn}")
+    return ("\n".join(lines) + "\n").encode()
+
+
+def everything_shown_to(slack: FakeSlack, user: str, channel: str) -> str:
+    """All the bot showed ``user`` in ``channel`` (their DM): every post with its edits (progress messages and
+    deleted ones included), the files uploaded there, and every ephemeral message to ``user`` anywhere."""
+    posts = [{"text": m.text, "blocks": m.blocks, "edits": m.edits} for m in slack.posts(channel, deleted=True)]
+    files = [{k: f[k] for k in ("name", "title")} | {"data": (f["data"] or b"").decode("utf-8", "replace")}
+             for f in list(slack.uploads.values()) if f["channel"] == channel]
+    whispers = [e for e in slack.ephemerals if e["user"] == user]
+    return json.dumps([posts, files, whispers], ensure_ascii=False)
+
+
+def test_isolation_two_users_share_nothing(sender, slack, bot, agent):
+    """Issue 9 on Slack: nothing of alice's — fact, upload, report, job, confirmation — reaches bob, through a
+    command, a button or the agent ("what did the other user ask?"); the same commands do show alice her own."""
+    alice, bob, alice_dm, bob_dm = "UALICE2", "UBOB2", "D0ALICE2", "D0BOB2"
+    uid = f"slack:{TEAM}:{alice}"
+    secrets = ("SLACK-ALICE-6629", "support_calls", "tenure", f"{TEAM}:{alice}", f"{TEAM}%3A{alice}")
+
+    def leaks(text: str, *more: str) -> list[str]:
+        return [s for s in (*secrets, *more) if s.lower() in text.lower()]
+
+    def dm(user: str, channel: str, text: str, **kw) -> tuple[str, str]:
+        """``user`` DMs ``text`` (a new DM thread); the bot's answer and the thread's ts."""
+        _, event = sender.dm(user, text, channel=channel, **kw)
+        return section_text(answers(slack, channel, event["ts"])[0]), event["ts"]
+
+    # No admins: every allowed user may launch and cancel fine-tunes, so only ownership keeps bob from hers.
+    saved_access, bot.access = bot.access, C.AccessList(frozenset({alice, bob}), frozenset())
+    try:
+        # --- alice: a fact, an upload, a SHAP report on it, a launched fine-tune -----------------------------
+        dm(alice, alice_dm, "remember that my locker code is SLACK-ALICE-6629")
+        assert "my locker code is SLACK-ALICE-6629" in {f["said"] for f in agent.memory_show(uid)}
+        shared = slack.add_private_file("alice_churn.csv", alice_churn_csv(), user=alice)
+        assert "Saved `alice_churn.csv`" in dm(alice, alice_dm, "", files=[shared])[0]
+        report, ts = dm(alice, alice_dm, "explain churn in alice_churn.csv")
+        assert "support_calls" in report
+        wait_for(lambda: [f for f in slack.files_in(alice_dm, ts) if f["name"].endswith((".md", ".html"))],
+                 what="alice's SHAP report file")
+        _, launch = sender.mention(alice, LAUNCH)                       # in a channel bob is in: he sees the buttons
+        question = confirmation(slack, CHANNEL, launch["ts"])
+
+        def bob_presses(action: str) -> dict:
+            seen = len(slack.ephemerals)
+            assert sender.action(bob, question, action).status_code == 200
+            return wait_for(lambda: slack.ephemerals[seen:], what="bob's refusal")[0]
+
+        for action in (R.DECLINE, R.APPROVE):                            # her current confirmation
+            refusal = bob_presses(action)
+            assert refusal["user"] == bob and f"Only <@{alice}> can answer" in refusal["text"]
+        time.sleep(0.3)
+        assert agent.jobs().list(uid) == [] and not question.edits       # still hers to answer
+        sender.action(alice, question, R.APPROVE)
+        launched = section_text(answers(slack, CHANNEL, launch["ts"], 2)[1])
+        [job] = agent.jobs().list(uid)
+        assert job["id"] in launched and job["status"] == "queued"
+        assert f"Only <@{alice}> can answer" in bob_presses(R.APPROVE)["text"]     # her answered (stale) one
+        time.sleep(0.3)
+        assert len(agent.jobs().list(uid)) == 1 and agent.jobs().list(f"slack:{TEAM}:{bob}") == []
+
+        # --- bob, in his DM: commands, the agent, her file ------------------------------------------------
+        memory = dm(bob, bob_dm, "memory")[0]
+        assert "don't remember anything" in memory and not leaks(memory)
+        jobs = dm(bob, bob_dm, "jobs")[0]
+        assert "no fine-tune jobs" in jobs and job["id"] not in jobs
+        cancel, missing = dm(bob, bob_dm, f"cancel {job['id']}")[0], dm(bob, bob_dm, "cancel ft-999999")[0]
+        assert cancel == missing.replace("ft-999999", job["id"])          # hers reads exactly like no job at all
+        assert "no job" in cancel.lower() and agent.jobs().list(uid)[0]["status"] == "queued"
+        for text in ("what did the other user ask?", "what do you remember about me?"):
+            answer = dm(bob, bob_dm, text)[0]
+            assert not leaks(answer, "alice_churn", "locker", job["id"]), (text, answer)
+        theirs, ts = dm(bob, bob_dm, "explain churn in alice_churn.csv")
+        assert "can't find 'alice_churn.csv'" in theirs and not leaks(theirs)      # not found, no columns
+        time.sleep(0.3)
+        assert slack.files_in(bob_dm) == []
+        assert not (C.uploads_dir(agent, f"slack:{TEAM}:{bob}") / "alice_churn.csv").exists()
+
+        # --- alice, on the same channel, still has all of hers --------------------------------------------
+        assert "SLACK-ALICE-6629" in dm(alice, alice_dm, "memory")[0]
+        assert f"`{job['id']}` *queued*" in dm(alice, alice_dm, "jobs")[0]
+        assert "*cancelled*" in dm(alice, alice_dm, f"cancel {job['id']}")[0]
+        notice = section_text(answers(slack, CHANNEL, launch["ts"], 3)[2])   # announced where she launched it
+        assert notice.startswith("🔔") and job["id"] in notice
+    finally:
+        bot.access = saved_access
+    shown_to_bob = everything_shown_to(slack, bob, bob_dm)
+    assert shown_to_bob and not leaks(shown_to_bob), leaks(shown_to_bob)
+    assert "🔔" not in shown_to_bob                                      # her job's end is announced to her only
+
+
 class Gated:
     """The real Agent, but a turn whose text says "slow" waits for ``release``, and "explode" raises."""
 
