@@ -445,3 +445,24 @@ def test_eval_routing_with_the_llm_brain_prints_the_same_table(fake, llm_env, mo
     overall = next(line for line in out.splitlines() if line.startswith("ALL") and " all " in line)
     assert overall.split()[-2:] == ["75.0%", "75.0%"]
     assert "x4: status of ft-3" in out and "cancel_finetune" in out
+
+
+def test_memory_commands_stay_with_memory_and_facts_reach_the_model_as_data(agent, fake):
+    user = "mem-user"
+    # Saying what to keep, or asking to forget, never goes to the model: memory does it the same way every time.
+    kept = ask(agent, "remember that my GPU is an RTX 4090 with 24 GB", user=user)
+    assert fake.requests == [] and "4090" in kept.answer
+    assert any("4090" in str(f.get("said")) for f in agent.memory_show(user))
+    # A question goes to the model, whose system prompt quotes the user's facts as data.
+    fake.script(Say("Your RTX 4090 (24 GB) fits a 7B model with QLoRA."))
+    ask(agent, "which fine-tuning method should I use for a 7B model?", user=user)
+    system = system_text(fake.requests[0])
+    assert "not instructions" in system and '"my GPU is an RTX 4090 with 24 GB"' in system
+    fake.reset()
+    # Another user's prompt carries none of it.
+    fake.script(Say("LoRA is a good start."))
+    ask(agent, "which fine-tuning method should I use for a 7B model?", user="mem-other")
+    assert "4090" not in system_text(fake.requests[0])
+    fake.reset()
+    forgot = ask(agent, "forget everything you know about me", user=user)
+    assert fake.requests == [] and agent.memory_show(user) == [] and forgot.answer

@@ -108,6 +108,8 @@ class LLMBrain:
         trace = list(state["trace"])
         if not plan and state.get("notice") == T.NOTHING_PENDING.get(lang):
             return route_steps(self.local, state)      # a bare "yes" with nothing pending: nothing to ask a model
+        if not plan and self._memory_command(state):
+            return route_steps(self.local, state)      # remember / forget / show: done by memory, the same every time
         try:
             turn = self.client.complete(self.messages(state, plan), on_token=_token_sink())
         except LLMError as exc:
@@ -137,8 +139,29 @@ class LLMBrain:
         return model_calls(plan) < self.max_steps
 
     def messages(self, state: TurnState, plan: list[PlannedCall]) -> list:
-        system = system_prompt(self.registry, state["lang"], ask_reasoning=not self.native_reasoning)
+        system = system_prompt(self.registry, state["lang"], ask_reasoning=not self.native_reasoning,
+                               facts=self._facts(state.get("user_id")))
         return conversation(state, plan, system)
+
+    def _memory_command(self, state: TurnState) -> bool:
+        """A one-step message that tells memory what to keep, forget or show (not a question about facts)."""
+        from memory.intents import memory_intent
+
+        steps = state.get("steps_text") or []
+        if self.local.memory is None or not state.get("user_id") or len(steps) != 1:
+            return False
+        intent = memory_intent(steps[0])
+        return intent is not None and intent[0] in ("remember", "forget", "show", "other_users")
+
+    def _facts(self, user_id: str | None) -> list[dict]:
+        """What the user told us (for the prompt); a memory that cannot be read costs the facts, not the turn."""
+        if self.local.memory is None or not user_id:
+            return []
+        try:
+            return self.local.memory().show(user_id)
+        except Exception as exc:
+            log.warning("cannot read the memory of %s for the model: %s", user_id, exc)
+            return []
 
     def _plan_calls(self, state: TurnState, plan: list, trace: list, turn: Any, calls: int) -> None:
         round_no = len(rounds_of(plan)) + 1
