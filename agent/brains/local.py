@@ -21,6 +21,14 @@ from tools.base import Tool
 from tools.registry import ToolRegistry
 
 _FILE_FIELDS = ("data", "dataset")
+# "the file I just sent" means the asker's newest upload of these kinds (what the channels accept).
+_UPLOAD_SUFFIXES = (".csv", ".parquet", ".jsonl", ".json", ".md", ".pdf")
+_UPLOAD_REFERENCE = re.compile(
+    r"\b(?:the|that|this|my)\s+(?:\w+\s+)?(?:file|upload|csv|data ?set|dataset|document)\s+(?:I|we)\s+"
+    r"(?:just\s+|have\s+just\s+|recently\s+)?(?:sent|uploaded|shared|attached|gave)\b"
+    r"|\bmy\s+(?:latest|last|newest|new)\s+(?:upload|file)\b|\bthe\s+(?:latest|last|newest)\s+upload\b"
+    r"|(?:刚才|刚刚|刚)(?:发|上传|传)的(?:文件|数据|表格|数据集)?|(?:我)?上传的(?:文件|数据|表格|数据集)",
+    re.IGNORECASE)
 
 
 # A question the router took for small talk goes to explain_concept when one of the asker's
@@ -37,14 +45,17 @@ def make_local_brain(toolbox: Any, router_embedder: Any = None) -> LocalBrain:
     embedder = router_embedder or embedder_factory(settings.router_model)
     router = SemanticRouter(list(toolbox.registry), embedder, threshold=settings.router_threshold,
                             cache_dir=settings.cache_dir)
-    return LocalBrain(toolbox.registry, router, knowledge=toolbox.knowledge, memory=toolbox.user_memory)
+    return LocalBrain(toolbox.registry, router, knowledge=toolbox.knowledge, memory=toolbox.user_memory,
+                      uploads=lambda user_id: toolbox.context(user_id).uploads_dir)
 
 
 class LocalBrain:
     name = "local"
 
-    def __init__(self, registry: ToolRegistry, router: SemanticRouter, knowledge: Any = None, memory: Any = None):
+    def __init__(self, registry: ToolRegistry, router: SemanticRouter, knowledge: Any = None, memory: Any = None,
+                 uploads: Any = None):
         self.registry = registry
+        self.uploads = uploads  # (user_id) -> the user's upload folder, for "the file I just sent"
         self.router = router
         self.knowledge = knowledge
         self.memory = memory    # () -> UserMemory: what users told us about themselves
@@ -56,8 +67,9 @@ class LocalBrain:
             return memory_call(step, self.memory(), user_id, intent, lang)
         # A question about what the user told us: a fact that clearly answers it wins over the router.
         answer = self.memory().answer(user_id, step, lang, sure=True) if intent is not None else None
-        slots = extract_slots(step, lang)
-        decision = self.router.route(step, slots)
+        named = self._name_the_upload(step, user_id)      # "the file I just sent" → its name, for routing and slots
+        slots = extract_slots(named, lang)
+        decision = self.router.route(named, slots)
         if answer is None and self.memory is not None and user_id and decision.tool in (None, "explain_concept"):
             # A memory question the router took for small talk or a concept, or a plain statement of facts.
             # Worded as a memory question, or about the asker with nothing else to do: memory answers.
@@ -130,6 +142,21 @@ class LocalBrain:
         args = {**asked["args"], field: value}
         return {"step": step, "tool": tool.name, "args": args, "score": 1.0, "status": "planned",
                 "record": None, "why": f"answers the question about {field}"}
+
+    def _name_the_upload(self, step: str, user_id: str | None) -> str:
+        """``step`` with "the file I just sent" / "刚才发的文件" replaced by the asker's newest upload's name (as if
+        they had typed it), or unchanged when it points at no upload or they have none."""
+        match = _UPLOAD_REFERENCE.search(step) if self.uploads is not None and user_id else None
+        if match is None:
+            return step
+        try:
+            files = [f for f in self.uploads(user_id).iterdir() if f.is_file() and f.suffix.lower() in _UPLOAD_SUFFIXES]
+        except OSError:
+            return step
+        if not files:
+            return step
+        newest = max(files, key=lambda f: f.stat().st_mtime_ns).name
+        return f"{step[:match.start()]} {newest} {step[match.end():]}".strip()
 
     @staticmethod
     def _resolve_references(tool: Tool, args: dict, memo: dict[str, Any]) -> None:
