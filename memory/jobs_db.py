@@ -83,13 +83,7 @@ class SqliteJobsDB:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("BEGIN IMMEDIATE")
-            for statement in sql.SCHEMA:
-                conn.execute(statement)
-            conn.execute(sql.SEED_META, {"name": "schema_version", "value": sql.SCHEMA_VERSION})
-            conn.execute(sql.SEED_META, {"name": "last_job_number", "value": 0})
-            version = conn.execute(sql.SELECT_META, {"name": "schema_version"}).fetchone()["value"]
-            if version < sql.SCHEMA_VERSION:
-                version = sql.upgrade(conn.execute, version)
+            version = sql.set_up(conn.execute)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if conn is not None:
@@ -103,101 +97,44 @@ class SqliteJobsDB:
 
 
 class PostgresJobsDB:
-    """One psycopg connection to the database at ``url``, shared by threads under a lock; reconnects on the
-    next transaction when the server dropped it."""
+    """The job database on a PostgreSQL server (one shared connection, see :class:`memory.pg.SharedConnection`)."""
 
     dialect = sql.POSTGRES
 
     def __init__(self, url: str, *, lock_timeout_s: float = LOCK_TIMEOUT_S):
-        self.url = url
-        self.where = pg.describe(url)
+        self.url, self.where = url, pg.describe(url)
         self._psycopg = pg.require()
         self._lock_timeout_s = lock_timeout_s
-        self._lock = threading.RLock()
-        self._conn = self._connect()
+        self._pg = pg.SharedConnection(url, what="job database", lock_timeout_s=lock_timeout_s,
+                                       describe_error=self.describe, row_factory=self._psycopg.rows.dict_row)
         try:
             self._set_up_schema()
         except BaseException:
-            self._conn.close()
+            self._pg.close()
             raise
 
     def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+        self._pg.close()
 
     @contextmanager
     def transaction(self, *, write: bool = False) -> Iterator[_PgSession]:
         """One transaction: ``READ COMMITTED`` for writes (the store locks the job rows it is about to change),
         a ``REPEATABLE READ READ ONLY`` snapshot for a consistent read. When the server dropped the connection
         (a restart, an idle timeout), it is opened again before anything is done."""
-        begin = "BEGIN" if write else "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
-        errors = self._psycopg.Error
-        with self._lock:
-            try:
-                if self._conn.closed or self._conn.broken:
-                    self._reconnect()
-                try:
-                    self._conn.execute(begin)
-                except self._psycopg.OperationalError:  # found dead only now; nothing was done yet
-                    self._reconnect()
-                    self._conn.execute(begin)
-            except errors as exc:
-                raise StoreError(self.describe(exc)) from None
-            try:
-                yield _PgSession(self._conn)
-            except BaseException as exc:
-                self._rollback()
-                if isinstance(exc, errors):
-                    raise StoreError(self.describe(exc)) from None
-                raise
-            try:
-                self._conn.execute("COMMIT")
-            except errors as exc:
-                self._rollback()
-                raise StoreError(self.describe(exc)) from None
+        with self._pg.transaction("BEGIN" if write else "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY") as conn:
+            yield _PgSession(conn)
 
     def describe(self, exc: BaseException) -> str:
         """What went wrong with the server, and what to do about it (never the password)."""
-        errors = self._psycopg.errors
-        reason = pg.error_text(exc, self.url)
-        if isinstance(exc, errors.LockNotAvailable):
+        if isinstance(exc, self._psycopg.errors.LockNotAvailable):
             return (f"The job database at {self.where} is locked by another process (waited "
                     f"{self._lock_timeout_s:g} s). Try again; nothing was changed.")
-        if isinstance(exc, self._psycopg.OperationalError):
-            return (f"The job database at {self.where} cannot be used: {reason}. Check that the server is running "
-                    "and reachable; nothing was changed.")
-        return f"The job database at {self.where} failed: {reason}. Nothing was changed."
-
-    def _connect(self) -> Any:
-        conn = pg.connect(self.url, what="job database", row_factory=self._psycopg.rows.dict_row)
-        try:
-            ms = max(1, round(self._lock_timeout_s * 1000))
-            conn.execute("SELECT set_config('lock_timeout', %s, false)", [f"{ms}ms"])
-        except self._psycopg.Error as exc:
-            conn.close()
-            raise StoreError(self.describe(exc)) from None
-        return conn
-
-    def _reconnect(self) -> None:
-        self._conn.close()
-        self._conn = self._connect()
-
-    def _rollback(self) -> None:
-        try:
-            self._conn.execute("ROLLBACK")
-        except self._psycopg.Error:
-            pass  # a dropped connection has no transaction left to roll back; the next one reconnects
+        return pg.failure_text(exc, self.url, "job database")
 
     def _set_up_schema(self) -> None:
         with self.transaction(write=True) as db:
             db.execute("SELECT pg_advisory_xact_lock(:key)", {"key": SCHEMA_LOCK})
-            for statement in sql.SCHEMA:
-                db.execute(statement)
-            db.execute(sql.SEED_META, {"name": "schema_version", "value": sql.SCHEMA_VERSION})
-            db.execute(sql.SEED_META, {"name": "last_job_number", "value": 0})
-            version = db.execute(sql.SELECT_META, {"name": "schema_version"}).fetchone()["value"]
-            if version < sql.SCHEMA_VERSION:
-                version = sql.upgrade(db.execute, version)
+            version = sql.set_up(db.execute)
         if version > sql.SCHEMA_VERSION:
             raise StoreError(f"The job database at {self.where} was written by a newer stackwise (schema {version}); "
                              "upgrade stackwise to use it. Nothing was changed.")

@@ -88,6 +88,18 @@ def upgrade(execute, version: int) -> int:
     return version
 
 
+def set_up(execute) -> int:
+    """Create what is missing, seed ``job_meta`` and bring an older schema up to date, with ``execute(statement,
+    params)`` inside the caller's schema transaction; returns the database's schema version (newer than
+    :data:`SCHEMA_VERSION` means a newer stackwise wrote it)."""
+    for statement in SCHEMA:
+        execute(statement, {})
+    execute(SEED_META, {"name": "schema_version", "value": SCHEMA_VERSION})
+    execute(SEED_META, {"name": "last_job_number", "value": 0})
+    version = execute(SELECT_META, {"name": "schema_version"}).fetchone()["value"]
+    return upgrade(execute, version) if version < SCHEMA_VERSION else version
+
+
 #: Rows ``job_meta`` starts with (inserted only when missing).
 SEED_META = (
     "INSERT INTO job_meta (name, value) SELECT :name, :value "

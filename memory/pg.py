@@ -1,4 +1,4 @@
-"""PostgreSQL helpers every Postgres-backed store shares (jobs now; threads and user memory later): telling a
+"""PostgreSQL helpers every Postgres-backed store shares (the job records and the user memory): telling a
 ``postgresql://`` URL from a path, showing a URL without its password, connecting with errors that say which
 server could not be reached, and a stable advisory-lock key for idempotent schema set-up.
 
@@ -9,7 +9,7 @@ Example:
     'postgresql://bot:***@db.internal:5433/stackwise'
     >>> describe("postgresql://bot:s3cret@db.internal:5433/stackwise")
     'db.internal:5433 (database stackwise, user bot)'
-    >>> is_postgres_url("/home/me/.stackwise/jobs.sqlite"), is_postgres_url("postgres://db/x")
+    >>> is_postgres_url("jobs.sqlite"), is_postgres_url("postgres://db/x")
     (False, True)
 """
 
@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -103,6 +106,93 @@ def connect(url: str, *, what: str = "database", **kwargs: Any) -> Any:
         raise StoreError(f"Cannot connect to the {what} at {describe(url)}: {_scrub(_first_line(exc), url)}. "
                          "Check STACKWISE_DATABASE_URL and that the server is running and reachable; "
                          "nothing was changed.") from None
+
+
+class SharedConnection:
+    """One autocommit psycopg connection to ``url`` for a store, shared by threads under a lock, with the server's
+    ``lock_timeout`` set; :meth:`transaction` re-opens it first when the server dropped it (a restart, an idle
+    timeout) and turns any database error into a :class:`StoreError` worded by ``describe``.
+
+    ``what`` names the store in messages ("job database"); ``describe(exc) -> str`` may replace
+    :meth:`describe_error` for a store with more to say; ``connect_kwargs`` go to ``psycopg.connect``.
+    """
+
+    def __init__(self, url: str, *, what: str, lock_timeout_s: float, describe_error: Any = None,
+                 **connect_kwargs: Any):
+        self.url, self.what = url, what
+        self.where = describe(url)
+        self.psycopg = require()
+        self.lock_timeout_s = lock_timeout_s
+        self._describe = describe_error or self.describe_error
+        self._kwargs = connect_kwargs
+        self._lock = threading.RLock()
+        self._conn = self._connect()
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    @contextmanager
+    def transaction(self, begin: str = "BEGIN") -> Iterator[Any]:
+        """The connection inside one transaction opened with ``begin``; committed when the block ends, rolled
+        back when it raises."""
+        errors = self.psycopg.Error
+        with self._lock:
+            try:
+                if self._conn.closed or self._conn.broken:
+                    self._reconnect()
+                try:
+                    self._conn.execute(begin)
+                except self.psycopg.OperationalError:   # found dead only now; nothing was done yet
+                    self._reconnect()
+                    self._conn.execute(begin)
+            except errors as exc:
+                raise StoreError(self._describe(exc)) from None
+            try:
+                yield self._conn
+            except BaseException as exc:
+                self._rollback()
+                if isinstance(exc, errors):
+                    raise StoreError(self._describe(exc)) from None
+                raise
+            try:
+                self._conn.execute("COMMIT")
+            except errors as exc:
+                self._rollback()
+                raise StoreError(self._describe(exc)) from None
+
+    def describe_error(self, exc: BaseException) -> str:
+        return failure_text(exc, self.url, self.what)
+
+    def _connect(self) -> Any:
+        conn = connect(self.url, what=self.what, **self._kwargs)
+        try:
+            ms = max(1, round(self.lock_timeout_s * 1000))
+            conn.execute("SELECT set_config('lock_timeout', %s, false)", [f"{ms}ms"])
+        except self.psycopg.Error as exc:
+            conn.close()
+            raise StoreError(self._describe(exc)) from None
+        return conn
+
+    def _reconnect(self) -> None:
+        self._conn.close()
+        self._conn = self._connect()
+
+    def _rollback(self) -> None:
+        try:
+            self._conn.execute("ROLLBACK")
+        except self.psycopg.Error:
+            pass   # a dropped connection has no transaction left to roll back; the next one reconnects
+
+
+def failure_text(exc: BaseException, url: str, what: str) -> str:
+    """What went wrong with the server behind ``url`` (``what``: "job database"…), and what to do about it; never
+    the password."""
+    reason = error_text(exc, url)
+    if isinstance(exc, require().OperationalError):
+        return (f"The {what} at {describe(url)} cannot be used: {reason}. Check that the server is running "
+                "and reachable; nothing was changed.")
+    return f"The {what} at {describe(url)} failed: {reason}. Nothing was changed."
 
 
 def error_text(exc: BaseException, url: str) -> str:

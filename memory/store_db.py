@@ -17,7 +17,6 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 from memory import pg
 from memory.checkpoints import LOCK_TIMEOUT_S, StoreError, describe_sqlite_error
@@ -119,62 +118,36 @@ class SqliteStoreDB:
 
 
 class PostgresStoreDB:
-    """One psycopg connection to ``url``, shared by threads under a lock; re-opened when the server dropped it."""
+    """The memory database on a PostgreSQL server (one shared connection, see :class:`memory.pg.SharedConnection`)."""
 
     dialect = POSTGRES
 
     def __init__(self, url: str, *, lock_timeout_s: float = LOCK_TIMEOUT_S):
         self.url = url.strip()
         self.location = pg.redact(self.url)
-        self.where = pg.describe(self.url)
-        self._psycopg = pg.require()
-        self._lock_timeout_s = lock_timeout_s
-        self._lock = threading.RLock()
-        self._conn = self._connect()
+        self._pg = pg.SharedConnection(self.url, what="memory database", lock_timeout_s=lock_timeout_s)
+        self.where = self._pg.where
         try:
             with self.transaction() as execute:
                 execute("SELECT pg_advisory_xact_lock(:key)", {"key": SCHEMA_LOCK})
                 for statement in schema(POSTGRES):
                     execute(statement, None)
         except BaseException:
-            self._conn.close()
+            self._pg.close()
             raise
 
     def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+        self._pg.close()
 
     @contextmanager
     def transaction(self) -> Iterator[Callable[[str, dict | None], list]]:
-        errors = self._psycopg.Error
-        with self._lock:
-            try:
-                if self._conn.closed or self._conn.broken:
-                    self._reconnect()
-                try:
-                    self._conn.execute("BEGIN")
-                except self._psycopg.OperationalError:   # found dead only now; nothing was done yet
-                    self._reconnect()
-                    self._conn.execute("BEGIN")
-            except errors as exc:
-                raise StoreError(self.describe(exc)) from None
+        with self._pg.transaction() as conn:
 
             def execute(statement: str, params: dict | None = None) -> list:
-                cur = self._conn.execute(placeholders(statement, POSTGRES), params or None)
+                cur = conn.execute(placeholders(statement, POSTGRES), params or None)
                 return cur.fetchall() if cur.description else []
 
-            try:
-                yield execute
-            except BaseException as exc:
-                self._rollback()
-                if isinstance(exc, errors):
-                    raise StoreError(self.describe(exc)) from None
-                raise
-            try:
-                self._conn.execute("COMMIT")
-            except errors as exc:
-                self._rollback()
-                raise StoreError(self.describe(exc)) from None
+            yield execute
 
     def erase_residue(self) -> bool:
         """Nothing to do here: a deleted row is invisible to every process at once; the server reclaims its space
@@ -187,28 +160,4 @@ class PostgresStoreDB:
         return int(rows[0][0])
 
     def describe(self, exc: BaseException) -> str:
-        reason = pg.error_text(exc, self.url)
-        if isinstance(exc, self._psycopg.OperationalError):
-            return (f"The memory database at {self.where} cannot be used: {reason}. Check that the server is running "
-                    "and reachable; nothing was changed.")
-        return f"The memory database at {self.where} failed: {reason}. Nothing was changed."
-
-    def _connect(self) -> Any:
-        conn = pg.connect(self.url, what="memory database")
-        try:
-            ms = max(1, round(self._lock_timeout_s * 1000))
-            conn.execute("SELECT set_config('lock_timeout', %s, false)", [f"{ms}ms"])
-        except self._psycopg.Error as exc:
-            conn.close()
-            raise StoreError(self.describe(exc)) from None
-        return conn
-
-    def _reconnect(self) -> None:
-        self._conn.close()
-        self._conn = self._connect()
-
-    def _rollback(self) -> None:
-        try:
-            self._conn.execute("ROLLBACK")
-        except self._psycopg.Error:
-            pass   # a dropped connection has no transaction left; the next one reconnects
+        return self._pg.describe_error(exc)

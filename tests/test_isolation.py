@@ -24,6 +24,7 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
+from tables import churn_csv
 
 from agent import Agent, Settings
 from bots.http import background_server, create_app
@@ -36,18 +37,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _leaks(text: str) -> list[str]:
     return [s for s in SECRETS if s.lower() in text.lower()]
-
-
-def _churn_csv(rows: int = 240) -> str:
-    import random
-
-    rng = random.Random(3)
-    lines = ["tenure,monthly,support_calls,churn"]
-    for _ in range(rows):
-        tenure, monthly, calls = rng.randint(1, 72), rng.randint(20, 120), rng.randint(0, 9)
-        churn = int(calls > 5 or (tenure < 12 and monthly > 80) or rng.random() < 0.1)
-        lines.append(f"{tenure},{monthly},{calls},{churn}")
-    return "\n".join(lines) + "\n"
 
 
 def _cli(world, *args: str, user: str) -> subprocess.CompletedProcess:
@@ -94,7 +83,7 @@ def _alice_everywhere(world) -> None:
     a.post("/v1/threads/alice-http/messages", json={"text": "my GPU is an RTX 4090 with 24 GB"}).raise_for_status()
     a.post("/v1/threads/alice-http/messages",
            json={"text": "remember that my project is HTTP-ALICE-5521"}).raise_for_status()
-    a.post("/v1/files", files={"file": ("alice_churn.csv", _churn_csv())}).raise_for_status()
+    a.post("/v1/files", files={"file": ("alice_churn.csv", churn_csv())}).raise_for_status()
     report = a.post("/v1/tools/shap_report", json={"data": "alice_churn.csv", "target": "churn"})
     assert report.status_code == 200, report.text
     world.report = report.json()["result"]["report"]

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from test_jobs_store import (  # noqa: F401 - collected here again: the same tests, against the Postgres store
@@ -22,6 +21,7 @@ from test_jobs_store import (  # noqa: F401 - collected here again: the same tes
     ROOT,
     SPEC,
     Clock,
+    claim_in_processes,
     new,
     statuses,
     test_cancel_a_queued_job_is_immediate,
@@ -198,26 +198,10 @@ def test_claim_is_exclusive_across_threads(pg_url):
 def test_claim_is_exclusive_across_processes(pg_url, tmp_path):
     with JobStore(pg_url) as store:
         created = {new(store) for _ in range(20)}
-    go = tmp_path / "go"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    procs = [subprocess.Popen([sys.executable, "-c", CLAIMER, pg_url, f"p{i}", str(go)], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(3)]
-    try:
-        for i in range(3):
-            while not Path(f"{go}.p{i}").exists():
-                assert procs[i].poll() is None, procs[i].communicate()[1]
-                time.sleep(0.005)
-        go.touch()
-        outs = [p.communicate(timeout=60) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
-    assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
-    ids = [job_id for out, _ in outs for job_id in out.split()]
+    outs = claim_in_processes(pg_url, tmp_path, timeout=60)
+    ids = [job_id for out in outs for job_id in out.split()]
     assert len(ids) == 20 and set(ids) == created
-    assert sum(1 for out, _ in outs if out.split()) >= 2
+    assert sum(1 for out in outs if out.split()) >= 2
 
 
 def test_a_claim_passes_over_a_job_another_worker_is_claiming(pg_url):

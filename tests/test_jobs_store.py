@@ -235,30 +235,37 @@ print(" ".join(got))
 """
 
 
-def test_claim_is_exclusive_across_processes(store, tmp_path):
-    created = {new(store) for _ in range(20)}
+def claim_in_processes(location: str, tmp_path: Path, *, n: int = 3, timeout: float = 30) -> list[str]:
+    """Start ``n`` processes that claim from the store at ``location`` until it is empty, all at one signal;
+    each one's claimed ids (a process that failed fails the test)."""
     go = tmp_path / "go"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    procs = [subprocess.Popen([sys.executable, "-c", CLAIMER, str(store.path), f"p{i}", str(go)], cwd=ROOT,
+    procs = [subprocess.Popen([sys.executable, "-c", CLAIMER, location, f"p{i}", str(go)], cwd=ROOT,
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(3)]
+             for i in range(n)]
     try:
-        for i in range(3):
+        for i in range(n):
             ready = Path(f"{go}.p{i}")
             while not ready.exists():
                 assert procs[i].poll() is None, procs[i].communicate()[1]
                 time.sleep(0.005)
         go.touch()
-        outs = [p.communicate(timeout=30) for p in procs]
+        outs = [p.communicate(timeout=timeout) for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.communicate()
     assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
-    ids = [job_id for out, _ in outs for job_id in out.split()]
+    return [out for out, _ in outs]
+
+
+def test_claim_is_exclusive_across_processes(store, tmp_path):
+    created = {new(store) for _ in range(20)}
+    outs = claim_in_processes(str(store.path), tmp_path)
+    ids = [job_id for out in outs for job_id in out.split()]
     assert len(ids) == 20 and set(ids) == created
-    assert sum(1 for out, _ in outs if out.split()) >= 2  # it was a race, not one process taking all
+    assert sum(1 for out in outs if out.split()) >= 2  # it was a race, not one process taking all
 
 
 # --- cancel, heartbeat, progress, finish -------------------------------------------------------

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from fake_slack import BOT_USER, TEAM, FakeSlack, SlackSender
+from tables import churn_csv
 
 from agent import Agent, Reply, Settings
 from bots import channel as C
@@ -361,19 +362,6 @@ def test_two_users_interleaved_stay_apart(sender, slack, agent):
     assert "alpha" in texts[0] and "gamma" in texts[1] and "alpha" not in texts[1]
 
 
-def alice_churn_csv(rows: int = 240) -> bytes:
-    """A churn table whose column names (support_calls, tenure…) are alice's: bob must never see them."""
-    import random
-
-    rng = random.Random(3)
-    lines = ["tenure,monthly,support_calls,churn"]
-    for _ in range(rows):
-        tenure, monthly, calls = rng.randint(1, 72), rng.randint(20, 120), rng.randint(0, 9)
-        churn = int(calls > 5 or (tenure < 12 and monthly > 80) or rng.random() < 0.1)
-        lines.append(f"{tenure},{monthly},{calls},{churn}")
-    return ("\n".join(lines) + "\n").encode()
-
-
 def everything_shown_to(slack: FakeSlack, user: str, channel: str) -> str:
     """All the bot showed ``user`` in ``channel`` (their DM): every post with its edits (progress messages and
     deleted ones included), the files uploaded there, and every ephemeral message to ``user`` anywhere."""
@@ -405,7 +393,7 @@ def test_isolation_two_users_share_nothing(sender, slack, bot, agent):
         # --- alice: a fact, an upload, a SHAP report on it, a launched fine-tune -----------------------------
         dm(alice, alice_dm, "remember that my locker code is SLACK-ALICE-6629")
         assert "my locker code is SLACK-ALICE-6629" in {f["said"] for f in agent.memory_show(uid)}
-        shared = slack.add_private_file("alice_churn.csv", alice_churn_csv(), user=alice)
+        shared = slack.add_private_file("alice_churn.csv", churn_csv().encode(), user=alice)
         assert "Saved `alice_churn.csv`" in dm(alice, alice_dm, "", files=[shared])[0]
         report, ts = dm(alice, alice_dm, "explain churn in alice_churn.csv")
         assert "support_calls" in report

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 from fake_telegram import FakeTelegram, check_html, utf16
+from tables import churn_csv as alice_csv
 
 from agent import Agent, Reply, Settings
 from bots import channel as C
@@ -351,19 +352,6 @@ def test_two_users_interleaved_stay_isolated_and_each_thread_keeps_its_order(fak
     assert agent.history(running.bot.book.get("tg:202"), user_id="tg:303") == []
 
 
-def alice_churn_csv(rows: int = 240) -> bytes:
-    """A churn table whose column names (support_calls, tenure…) are alice's: bob must never see them."""
-    import random
-
-    rng = random.Random(3)
-    lines = ["tenure,monthly,support_calls,churn"]
-    for _ in range(rows):
-        tenure, monthly, calls = rng.randint(1, 72), rng.randint(20, 120), rng.randint(0, 9)
-        churn = int(calls > 5 or (tenure < 12 and monthly > 80) or rng.random() < 0.1)
-        lines.append(f"{tenure},{monthly},{calls},{churn}")
-    return ("\n".join(lines) + "\n").encode()
-
-
 def everything_sent_to(fake: FakeTelegram, chat: int) -> str:
     """All the bot sent to ``chat``: every call's parameters (texts, edits, captions, buttons) and file names and
     contents — progress messages, refused calls and deleted messages included."""
@@ -391,7 +379,7 @@ def test_isolation_two_users_share_nothing(fake, running, agent):
         # --- alice: a fact, an upload, a SHAP report on it, a launched fine-tune -----------------------------
         exchange(fake, a, alice, "remember that my locker code is TG-ALICE-4417")
         assert "my locker code is TG-ALICE-4417" in {f["said"] for f in agent.memory_show("tg:61001")}
-        fake.send_document(a, alice, "alice_churn.csv", alice_churn_csv())
+        fake.send_document(a, alice, "alice_churn.csv", alice_csv().encode())
         fake.wait_for(lambda: [t for t in said(fake, a) if "Saved" in t and "alice_churn.csv" in t])
         docs = len(fake.calls_of("sendDocument", a))
         report = exchange(fake, a, alice, "explain churn in alice_churn.csv")[0]

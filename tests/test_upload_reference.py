@@ -4,21 +4,12 @@
 from __future__ import annotations
 
 import os
-import random
 import time
 
 import pytest
+from tables import churn_csv
 
 from agent import Agent, Settings
-
-
-def churn_csv(rows: int = 200) -> str:
-    rng = random.Random(5)
-    lines = ["tenure,monthly,support_calls,churn"]
-    for _ in range(rows):
-        tenure, monthly, calls = rng.randint(1, 72), rng.randint(20, 120), rng.randint(0, 9)
-        lines.append(f"{tenure},{monthly},{calls},{int(calls > 5 or rng.random() < 0.1)}")
-    return "\n".join(lines) + "\n"
 
 
 @pytest.fixture(scope="module")
