@@ -112,6 +112,41 @@ class JobsService:
         job = _call(self.store.resume, job_id, None if admin else user, admin=admin)
         return job_row(job)
 
+    # --- serving a finished job (tools/finetune/export.py does the work, owner-checked) -------------------
+
+    def export(self, job_id: str, user: str, fmt: str = "all", *, base: str | None = None, force: bool = False,
+               gguf_type: str = "f16", lang: str = "en") -> dict[str, Any]:
+        """Merge ``job_id``'s adapter and export it: ``RUN/export/vllm`` (a folder vLLM serves as is) and, for
+        ``gguf`` / ``all``, a GGUF file when llama.cpp's converter is there (``all`` notes it when not; ``gguf``
+        fails). Takes minutes and GBs on a real model (a subprocess does the merge)."""
+        from tools.finetune.export import export_job
+
+        return self._export_call(export_job, user, lang, job_id, fmt, merge_base=base, force=force,
+                                 gguf_type=gguf_type)
+
+    def merge(self, job_id: str, user: str, *, base: str | None = None, force: bool = False) -> dict[str, Any]:
+        """``export(…, "vllm")``: the merged model folder only."""
+        return self.export(job_id, user, "vllm", base=base, force=force)
+
+    def serve_info(self, job_id: str, user: str, lang: str = "en") -> dict[str, Any]:
+        """The exact commands that serve ``job_id`` (vLLM, Ollama, llama.cpp) and point stackwise at it."""
+        from tools.finetune.export import serve_info
+
+        return self._export_call(serve_info, user, lang, job_id)
+
+    def _export_call(self, fn: Callable[..., Any], user: str, lang: str, *args: Any, **kwargs: Any) -> Any:
+        from tools.base import ToolContext, ToolError
+
+        extras: dict[str, Any] = {"jobs": self.store}
+        if self.settings.llama_cpp:
+            extras["llama_cpp"] = self.settings.llama_cpp
+        ctx = ToolContext(home=self.settings.home, user_id=user, lang=lang,
+                          data_roots=tuple(self.settings.data_roots), extras=extras)
+        try:
+            return fn(*args, ctx, **kwargs)
+        except ToolError as exc:
+            raise JobsError(exc.type, exc.message) from None
+
     # --- the worker ----------------------------------------------------------------------------------
 
     def backend(self) -> LocalBackend | RayBackend:
@@ -149,8 +184,9 @@ class JobsService:
 
     def notice(self, job: Job) -> dict[str, Any]:
         """The message that tells ``job``'s launcher it ended: ``job_id``, ``owner``, ``status``, ``origin``
-        (channel, thread_id, lang), ``text`` (in the launch's language: the numbers, the adapter, the first
-        before/after answer, or why it stopped and how to resume) and ``attachments`` (the loss curve)."""
+        (channel, thread_id, lang), ``text`` (in the launch's language: the numbers, the adapter, the held-out
+        evaluation before → after, the first before/after answer, or why it stopped and how to resume) and
+        ``attachments`` (the loss curve); ``trial``: a trial run's sample (``{"rows", "of", …}``), else None."""
         from tools.base import ToolContext
         from tools.finetune.status import job_status, status_text
 
@@ -159,14 +195,14 @@ class JobsService:
         ctx = ToolContext(home=self.settings.home, user_id=job.owner, lang=lang, extras={"jobs": self.store})
         try:
             result = job_status(job.id, ctx)
-            body = status_text(result, lang)
+            body = status_text(result, lang, announcing=True)   # a trial offers its full run: "yes"
         except Exception:   # a damaged run directory still gets its job announced, with the record's words
             log.exception("%s: cannot read the run for its announcement", job.id)
             result, body = {"attachments": []}, f"{job.id}: {job.status}" + (f" ({job.error})" if job.error else "")
         head = ENDED_HEADS.get(job.status, (job.status, job.status))
         text = f"🔔 {head[0]}：{body}" if lang == "zh" else f"🔔 {head[1]} — {body}"
         return {"job_id": job.id, "owner": job.owner, "status": job.status, "origin": origin, "text": text,
-                "attachments": result.get("attachments") or []}
+                "attachments": result.get("attachments") or [], "trial": result.get("trial")}
 
     def watch(self, channel: str, callback: Callable[[dict[str, Any]], None], *, user: str | None = None,
               poll_s: float = 5.0) -> JobWatcher:

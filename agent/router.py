@@ -176,6 +176,12 @@ _TRAIN_VERB = re.compile(r"fine-?t\w*n|finetun|\btune\b|\btrain(?:ing)?\b|\bsft\
 _JOB_WORD = re.compile(r"\bjobs?\b|\bruns?\b|training|fine-?tun|finetun|progress|status|\beta\b|\bloss\b|"
                        r"任务|训练|微调|进度|状态")
 _CANCEL_VERB = re.compile(r"\b(?:cancel|stop|abort|kill|terminate|halt)\b|取消|停止|终止|停掉|停了|杀掉|中止|结束|停下")
+# Serving a finished job: export it (merge, GGUF) or ask how to serve / chat with it.
+_EXPORT_VERB = re.compile(r"\b(?:merge|merged|merging|export|exporting|convert)\b|\bgguf\b|合并|导出|转成|转换")
+_SERVE_VERB = re.compile(r"\b(?:serve|serving|deploy|deploying|host|hosting|chat with|talk to)\b|vllm serve|ollama|"
+                         r"llama-server|llama\.cpp|\bvllm\b|部署|上线|推理服务|对话|聊天|跑起来|运行起来")
+_TRAINED_IT = re.compile(r"\b(?:i|we)\s+(?:just\s+|have\s+)?(?:trained|fine-?tuned|finetuned)\b|"
+                         r"\bmy\s+(?:[\w-]+\s+){0,2}model\b|训练好|微调好|刚训练|刚微调|我的模型")
 _SIMILARITY = re.compile(r"similar|similarity|distance|closest|nearest|close|far|apart|cosine|euclid|manhattan|"
                          r"dot product|compare|embed|相似|距离|接近|余弦|欧氏|比较|向量|像")
 _FILE_WORD = re.compile(r"(?<!\S)\S{1,200}\.(?:csv|parquet|jsonl|json|tsv|xlsx)\b", re.IGNORECASE)
@@ -184,6 +190,15 @@ _FILE_WORD = re.compile(r"(?<!\S)\S{1,200}\.(?:csv|parquet|jsonl|json|tsv|xlsx)\
 def _bump(scores: dict[str, float], name: str, amount: float) -> None:
     if name in scores:
         scores[name] += amount
+
+
+def _serving_tool(bare: str, questionish: bool) -> str | None:
+    """``export_finetune`` for "merge / export / GGUF", ``finetune_serve_info`` for "serve / deploy / chat with"
+    (and for a question about exporting: "how do I …" wants the commands); None otherwise."""
+    export, serve = bool(_EXPORT_VERB.search(bare)), bool(_SERVE_VERB.search(bare))
+    if serve and (questionish or not export):
+        return "finetune_serve_info"
+    return "export_finetune" if export else None
 
 
 def _slot_features(scores: dict[str, float], low: str, slots: dict[str, Any], *, on_topic: bool = True) -> None:
@@ -199,14 +214,22 @@ def _slot_features(scores: dict[str, float], low: str, slots: dict[str, Any], *,
     texts = len(slots.get("texts", []))
     files = slots.get("files") or []
     train = bool(_TRAIN_VERB.search(bare))
+    serving = _serving_tool(bare, questionish)
+    if not has_job and not (_MY_JOB.search(bare) or _TRAINED_IT.search(bare)):
+        _bump(scores, "export_finetune", -0.12)          # export or serve what? no job is meant
+        _bump(scores, "finetune_serve_info", -0.12)
     if has_job:
         _bump(scores, CHAT, -0.2)
         _bump(scores, "explain_concept", -0.15)
         if _CANCEL_VERB.search(bare):
             _bump(scores, "cancel_finetune", 0.15)
-        else:
+        elif serving:
+            _bump(scores, serving, 0.15)
+        else:                      # a job named without export/serve words: its status
             _bump(scores, "finetune_status", 0.15)
             _bump(scores, "cancel_finetune", -0.1)
+            _bump(scores, "export_finetune", -0.1)
+            _bump(scores, "finetune_serve_info", -0.1)
     elif _CANCEL_VERB.search(bare) and not question:
         _bump(scores, "cancel_finetune", 0.08)
     else:
@@ -226,6 +249,11 @@ def _slot_features(scores: dict[str, float], low: str, slots: dict[str, Any], *,
         _bump(scores, "shap_report", 0.1)
     if not files and not re.search(r"csv|parquet|data ?set|数据|表格|文件", bare):
         _bump(scores, "shap_report", -0.12)
+    if slots.get("sample_rows") and not question:
+        # "try it on 500 rows first": a sample size only means something for a fine-tune (a trial run).
+        _bump(scores, "launch_finetune", 0.25 if train or slots.get("dataset") or slots.get("base_model") else 0.2)
+        _bump(scores, CHAT, -0.1)
+        train = True
     train_request = train and bool(slots.get("dataset") or slots.get("base_model")) and not question
     if train_request:
         _bump(scores, "launch_finetune", 0.2)
@@ -237,7 +265,7 @@ def _slot_features(scores: dict[str, float], low: str, slots: dict[str, Any], *,
         _bump(scores, "explain_concept", (0.18 if question else 0.06) if on_topic else 0.03)
         _bump(scores, CHAT, -0.1)
     if _MY_JOB.search(bare) and not train_request:
-        _bump(scores, "finetune_status", 0.15)
+        _bump(scores, serving or "finetune_status", 0.15)
         _bump(scores, "explain_concept", -0.12)
     if _THANKS.search(bare) and not (files or has_job or texts >= 2):
         _bump(scores, CHAT, 0.15)

@@ -59,7 +59,7 @@ class Settings:
     worker_gpu: str = _f("auto", "STACKWISE_WORKER_GPU",
                          "The fine-tune worker's GPU, for the preflight's fit check: auto (this machine's, with "
                          "the local backend; unknown with ray), none (CPU only), unknown, or NAME:GB "
-                         "(e.g. 'RTX 4090:24').")
+                         "(e.g. 'RTX 4090:24'; 'H200:141x2' for two).")
     max_message_chars: int = _f(20_000, "STACKWISE_MAX_MESSAGE_CHARS", "Longest message accepted in one turn.")
     router_threshold: float = _f(0.36, "STACKWISE_ROUTER_THRESHOLD",
                                  "Below this routing score a message is chit-chat, not a tool call.")
@@ -67,6 +67,9 @@ class Settings:
     llm_api_key: str | None = _f(None, "OPENAI_API_KEY", "API key for the llm brain.", repr=False)
     llm_model: str | None = _f(None, "STACKWISE_LLM_MODEL", "Model name for the llm brain.")
     llm_timeout_s: float = _f(60.0, "STACKWISE_LLM_TIMEOUT_S", "Seconds one request to the llm brain's model may take.")
+    llama_cpp: str | None = _f(None, "STACKWISE_LLAMA_CPP",
+                               "A llama.cpp checkout (or its convert_hf_to_gguf.py) for GGUF exports of fine-tunes; "
+                               "empty: the converter on PATH, if any.")
     llm_max_steps: int = _f(6, "STACKWISE_LLM_MAX_STEPS",
                             "Most model calls in one turn of the llm brain (call → observe → call again → answer).")
     keep_checkpoints: int = _f(20, "STACKWISE_KEEP_CHECKPOINTS",
@@ -139,22 +142,26 @@ def _read_toml(env: Mapping[str, str], home_override: Any = None) -> tuple[Path 
 
 def parse_worker_gpu(value: str) -> tuple[str, dict[str, Any] | None]:
     """``STACKWISE_WORKER_GPU`` as ``(kind, gpu)``: ``("auto" | "unknown" | "none", None)`` or
-    ``("given", {"name", "memory_gb"})``.
+    ``("given", {"name", "memory_gb", "count"})``; ``NAME:GBxN`` describes N such GPUs.
 
     >>> parse_worker_gpu("RTX 4090:24")
-    ('given', {'name': 'RTX 4090', 'memory_gb': 24.0})
+    ('given', {'name': 'RTX 4090', 'memory_gb': 24.0, 'count': 1})
+    >>> parse_worker_gpu("H200:141x2")[1]["count"]
+    2
     """
     text = value.strip()
     if text.lower() in ("auto", "unknown", "none", ""):
         return (text.lower() or "unknown"), None
     name, sep, size = text.rpartition(":")
+    size, times, count_text = size.lower().partition("x")
     try:
-        memory_gb = float(size)
+        memory_gb, count = float(size), int(count_text) if times else 1
     except ValueError:
-        memory_gb = -1.0
-    if not sep or not name.strip() or not 0 < memory_gb <= 4096:
-        raise SettingsError(f"worker_gpu must be auto, none, unknown or NAME:GB (e.g. 'A100:80'), not {value!r}")
-    return "given", {"name": name.strip(), "memory_gb": memory_gb}
+        memory_gb, count = -1.0, 0
+    if not sep or not name.strip() or not 0 < memory_gb <= 4096 or not 1 <= count <= 64:
+        raise SettingsError("worker_gpu must be auto, none, unknown or NAME:GB[xCOUNT] (e.g. 'A100:80' or "
+                            f"'H200:141x2'), not {value!r}")
+    return "given", {"name": name.strip(), "memory_gb": memory_gb, "count": count}
 
 
 def _coerce(name: str, value: Any) -> Any:

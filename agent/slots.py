@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from agent.language import mask_quotes, quoted_spans
+from agent.trials import trial_rows
 
 _NUM = r"(?<![\d.])(\d{1,9}(?:\.\d{1,9})?)"
 _FILE = re.compile(
@@ -260,6 +261,9 @@ def extract_slots(text: str, lang: str = "en") -> dict[str, Any]:
         slots["method"] = "full"
     elif "lora" in low:
         slots["method"] = "lora"
+    gguf = re.search(r"gguf|ollama|llama[.-]?cpp|llama-server", low)     # export_finetune's format
+    if gguf or "vllm" in low:
+        slots["format"] = "all" if gguf and "vllm" in low else "gguf" if gguf else "vllm"
     for key, rx in (("lora_rank", _RANK), ("lora_alpha", _ALPHA), ("batch_size", _BATCH)):
         val = _number(_first(rx, text))
         if val is not None:
@@ -270,6 +274,9 @@ def extract_slots(text: str, lang: str = "en") -> dict[str, Any]:
     steps = _number(_first(_STEPS, text))
     if steps is not None:
         slots["max_steps"] = int(steps)
+    sample = trial_rows(_FILE.sub(" ", text))
+    if sample is not None:
+        slots["sample_rows"] = sample
     lr = _first(_LR, text)
     if lr is not None:
         try:

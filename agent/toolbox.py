@@ -27,15 +27,16 @@ def embedder_factory(name: str | None = None) -> Any:
 
 
 def local_gpu() -> dict[str, Any] | None:
-    """This machine's first CUDA GPU as ``{"name", "memory_gb"}``, or ``None`` without one (torch imported
-    on first call only)."""
+    """This machine's first CUDA GPU as ``{"name", "memory_gb", "count"}`` (count: how many it has), or ``None``
+    without one (torch imported on first call only)."""
     try:
         import torch
 
         if not torch.cuda.is_available():
             return None
         props = torch.cuda.get_device_properties(0)
-        return {"name": props.name, "memory_gb": round(props.total_memory / 2**30, 1)}
+        return {"name": props.name, "memory_gb": round(props.total_memory / 2**30, 1),
+                "count": torch.cuda.device_count()}
     except Exception:   # a broken driver reads as no GPU, never as a failed launch
         return None
 
@@ -66,6 +67,8 @@ class Toolbox:
         """What the fine-tune tools read: the job database's URL, and the worker's GPU (lazily: probing imports
         torch) unless unknown — ``unknown``, or ``auto`` with the ray backend, whose workers are other machines."""
         extras: dict[str, Any] = {"database_url": self.settings.database_url} if self.settings.database_url else {}
+        if self.settings.llama_cpp:          # the GGUF converter for export_finetune
+            extras["llama_cpp"] = self.settings.llama_cpp
         kind, given = parse_worker_gpu(self.settings.worker_gpu)
         if kind == "unknown" or (kind == "auto" and self.settings.job_backend != "local"):
             return extras

@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="terminal REPL")
     chat.add_argument("--thread", help="thread id (default: cli:<user>)")
     chat.add_argument("--user", default=None, help="user id (default: $USER)")
+    chat.add_argument("--brain", choices=["local", "llm"], help="which brain answers")
+    chat.add_argument("--llm-url", default=None, metavar="URL",
+                      help="chat with the model at this OpenAI-compatible endpoint (e.g. your served fine-tune)")
+    chat.add_argument("--llm-model", default=None, metavar="NAME", help="the served model's name (with --llm-url)")
 
     ask = sub.add_parser("ask", help="ask one question")
     ask.add_argument("text", help="the message")

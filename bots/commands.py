@@ -100,10 +100,16 @@ def cmd_tools(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    from bots.cli import _fail
     from bots.repl import run_repl
 
-    agent = _agent(args)
+    if bool(args.llm_url) != bool(args.llm_model):
+        return _fail("--llm-url and --llm-model go together (e.g. --llm-url http://127.0.0.1:8000/v1 "
+                     "--llm-model ft-12).", as_json=False, kind="usage", code=2)
+    agent = _agent(args, brain=None if args.llm_url else args.brain)
     try:
+        if args.llm_url:
+            agent.use_model(args.llm_url, args.llm_model)
         return run_repl(agent, user_id=_user(args), thread_id=args.thread)
     finally:
         agent.close()

@@ -1,4 +1,5 @@
-"""``stackwise jobs`` (list, show, logs, cancel, resume your fine-tune jobs) and ``stackwise worker``.
+"""``stackwise jobs`` (list, show, logs, cancel, resume your fine-tune jobs; merge, export and serve-info in
+:mod:`bots.export_commands`) and ``stackwise worker``.
 
 Exit codes: 0 done, 1 the job cannot do that (not found, nothing to cancel or resume), 2 usage errors.
 With ``--json`` stdout carries exactly one JSON object: the result, or ``{"error": {"type", "message"}}``.
@@ -19,7 +20,8 @@ def add_jobs_parsers(sub: argparse._SubParsersAction) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--user", default=None, help="whose jobs (default: $USER)")
     common.add_argument("--json", action="store_true", help="print one JSON object")
-    jobs = sub.add_parser("jobs", help="your fine-tune jobs: list, show, logs, cancel, resume")
+    jobs = sub.add_parser("jobs", help="your fine-tune jobs: list, show, logs, cancel, resume, merge, export, "
+                                       "serve-info")
     jobs_sub = jobs.add_subparsers(dest="jobs_command", metavar="ACTION", required=True)
     listing = jobs_sub.add_parser("list", parents=[common], help="jobs, newest first")
     listing.add_argument("--all", action="store_true", help="everyone's jobs (the operator's view)")
@@ -32,6 +34,9 @@ def add_jobs_parsers(sub: argparse._SubParsersAction) -> None:
     for action, text in (("cancel", "cancel a queued or running job (it keeps its checkpoint)"),
                          ("resume", "queue a failed, cancelled or interrupted job again, from its checkpoint")):
         jobs_sub.add_parser(action, parents=[common], help=text).add_argument("id", metavar="ID")
+    from bots.export_commands import add_export_parsers
+
+    add_export_parsers(jobs_sub, common)
 
     worker = sub.add_parser("worker", help="run queued fine-tune jobs on this machine (or the Ray cluster)")
     worker.add_argument("--drain", action="store_true", help="exit when the queue is empty")
@@ -48,6 +53,10 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         return _fail("--tail must be between 1 and 10000.", as_json=args.json, kind="usage", code=2)
     toolbox = Toolbox(_settings(args))
     try:
+        from bots.export_commands import ACTIONS, run_export_action
+
+        if args.jobs_command in ACTIONS:
+            return run_export_action(toolbox.jobs(), args)
         action = {"list": _list, "show": _show, "logs": _logs, "cancel": _change, "resume": _change}
         return action[args.jobs_command](toolbox.jobs(), args)
     except JobsError as exc:
@@ -111,6 +120,8 @@ def _show(jobs, args) -> int:
     for name, path in (job["artifacts"] or {}).items():
         if path:
             print(f"  {name:<9} {path}")
+    for i, line in enumerate(_tracking_lines(job.get("summary"))):
+        print(f"  {'tracking' if i == 0 else '':<9} {line}")
     for entry in job["history"]:
         print(f"  {entry['at']}  {entry['status']:<11} {entry['note']}")
     return 0
@@ -168,6 +179,26 @@ def _progress(p: dict) -> str:
     if isinstance(p.get("gpu_mem_gb"), int | float):
         bits.append(f"GPU {p['gpu_mem_gb']:.1f} GiB")
     return "  ".join(bits)
+
+
+def _tracking_lines(summary: Any) -> list[str]:
+    """The runs ``summary.json``'s ``tracking`` links (TensorBoard, W&B, MLflow) and the trackers skipped."""
+    tracking = summary.get("tracking") if isinstance(summary, dict) else None
+    if not isinstance(tracking, dict):
+        return []
+    lines = []
+    board, wandb, mlflow = (tracking.get(k) for k in ("tensorboard", "wandb", "mlflow"))
+    if isinstance(board, dict):
+        lines.append(f"TensorBoard: {board.get('command')}")
+    if isinstance(wandb, dict):
+        lines.append(f"W&B: {wandb['url']}" if wandb.get("url") else
+                     f"W&B (offline): {wandb.get('dir')}  upload: {wandb.get('sync')}")
+    if isinstance(mlflow, dict):
+        lines.append(f"MLflow: {mlflow.get('url') or mlflow.get('uri')}  run {mlflow.get('run_id')}")
+    skipped = tracking.get("skipped")
+    if isinstance(skipped, dict):
+        lines += [f"{name} skipped: {why}" for name, why in skipped.items()]
+    return lines
 
 
 def _preflight(p: dict) -> str:

@@ -39,6 +39,7 @@ HELP = (
     ("/memory", "what I keep about you: facts you told me, and your threads"),
     ("/forget", "/forget KEY deletes one fact, /forget all facts, /forget all also your threads and line history"),
     ("/jobs", "your fine-tune jobs (their end is announced here as it happens)"),
+    ("/model", "/model URL NAME chats with a served model (e.g. your fine-tune), /model local goes back"),
     ("/quit", "leave (also /exit or Ctrl-D)"),
 )
 
@@ -148,6 +149,9 @@ class Repl:
         if word.startswith("/") and "/" not in word[1:]:  # "/etc/passwd …" is a message, not a command
             if word.lower() == "/forget":
                 self.cmd_forget(text[len(word):].strip())
+                return
+            if word.lower() == "/model":
+                self.cmd_model(text[len(word):].strip())
                 return
             self.command(word.lower())
         else:
@@ -330,6 +334,35 @@ class Repl:
                 pass
         history = Path(self.agent.settings.home) / "repl_history"
         history.unlink(missing_ok=True)
+
+    def cmd_model(self, arg: str = "") -> None:
+        """Which brain answers: ``/model URL NAME`` (an OpenAI-compatible endpoint, e.g. a fine-tune served by vLLM),
+        ``/model local``, or ``/model`` to see the current one."""
+        use = getattr(self.agent, "use_model", None)
+        if use is None:
+            self.say("[yellow]This agent cannot switch models.[/yellow]")
+            return
+        parts = arg.split()
+        try:
+            if not parts:
+                self.say(f"Answering with [bold]{_escape(self.agent.brain_label)}[/bold]. "
+                         "[dim]/model URL NAME switches (e.g. /model http://127.0.0.1:8000/v1 ft-12), "
+                         "/model local goes back.[/dim]")
+                return
+            if parts == ["local"]:
+                label = self.agent.use_local_brain()
+                self.say(f"Back to the [bold]{_escape(label)}[/bold] brain (offline).")
+                return
+            if len(parts) != 2:
+                self.say("[yellow]Usage: /model URL NAME (e.g. /model http://127.0.0.1:8000/v1 ft-12), "
+                         "or /model local.[/yellow]")
+                return
+            label = use(parts[0], parts[1])
+        except Exception as exc:
+            self.error(exc)
+            return
+        self.say(f"Now answering with [bold]{_escape(label)}[/bold] at {_escape(parts[0])}. When it fails, the local "
+                 "brain answers that turn and says so; /model local goes back.")
 
     def cmd_quit(self) -> None:
         """Leave the REPL."""

@@ -12,7 +12,7 @@ import httpx
 from bots import channel as C
 from bots import slack_render as R
 
-NEEDS_ADMIN = ("launch_finetune", "cancel_finetune")
+NEEDS_ADMIN = ("launch_finetune", "cancel_finetune", "export_finetune")   # GPU time, disk space
 TEXTS = {
     "refused": {"en": "Sorry — this stackwise bot is private and you are not on its list of users. Ask its owner to "
                       "add your Slack member id if you need access.",

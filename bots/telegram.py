@@ -49,7 +49,7 @@ from bots.telegram_commands import COMMANDS, CommandsMixin, guarded, text_for  #
 from bots.telegram_config import TelegramConfig, chat_of_thread, retry_delay  # noqa: E402
 
 log = logging.getLogger("stackwise.telegram")
-NEEDS_ADMIN = ("launch_finetune", "cancel_finetune")
+NEEDS_ADMIN = ("launch_finetune", "cancel_finetune", "export_finetune")   # GPU time, disk space
 
 
 class TelegramBot(CommandsMixin):

@@ -34,6 +34,9 @@ def stackwise_home(tmp_path, monkeypatch) -> Path:
     monkeypatch.delenv("STACKWISE_CONFIG", raising=False)
     monkeypatch.delenv("STACKWISE_DATA_ROOTS", raising=False)
     monkeypatch.delenv("STACKWISE_BRAIN", raising=False)
+    # trackers configured in a developer's shell would send test runs online: tests that track set their own
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_PROJECT", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(name, raising=False)
     return home
 
 

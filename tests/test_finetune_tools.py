@@ -318,7 +318,8 @@ def test_the_toolbox_tells_launches_the_workers_gpu_and_the_job_database(stackwi
     assert probes == [] and callable(auto["worker_gpu"])          # probing waits until a launch needs it
     assert auto["worker_gpu"]() == auto["worker_gpu"]() == {"name": "H200", "memory_gb": 139.8} and probes == [1]
     assert extras(STACKWISE_WORKER_GPU="none") == {"worker_gpu": None}
-    assert extras(STACKWISE_WORKER_GPU="RTX 4090:24")["worker_gpu"] == {"name": "RTX 4090", "memory_gb": 24.0}
+    assert extras(STACKWISE_WORKER_GPU="RTX 4090:24")["worker_gpu"] == {"name": "RTX 4090", "memory_gb": 24.0,
+                                                                              "count": 1}
     assert extras(STACKWISE_WORKER_GPU="unknown") == {}
     assert extras(STACKWISE_JOB_BACKEND="ray") == {}               # ray workers are other machines
     assert extras(STACKWISE_JOB_BACKEND="ray", STACKWISE_WORKER_GPU="A100:80")["worker_gpu"]["memory_gb"] == 80

@@ -30,7 +30,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*is deprecated and will be remo
 ROOT = Path(__file__).resolve().parents[1]
 PROGRESS_KEYS = {"time", "step", "total", "epoch", "loss", "eval_loss", "lr", "tokens_per_s", "eta_s", "gpu_mem_gb"}
 SUMMARY_KEYS = {"status", "speed", "steps", "total_steps", "final_loss", "eval_loss", "train_seconds", "tokens_per_s",
-                "peak_gpu_mem_gb", "trainable_params", "total_params", "error", "artifacts"}
+                "peak_gpu_mem_gb", "trainable_params", "total_params", "error", "artifacts", "gpus", "global_batch",
+                "engine", "evaluation", "tracking"}
 WORDS = ("red", "blue", "green", "cat", "dog", "sun")
 
 

@@ -38,7 +38,7 @@ SERVER = [str(Path(sys.executable).parent / "stackwise"), "mcp"]  # the command 
 RECORD_KEYS = {"tool", "args", "ok", "result", "error"}
 BUILTINS = {"explain_concept", "embedding_distance", "launch_finetune", "finetune_status", "cancel_finetune",
             "shap_report", "kb_ingest"}
-SIDE_EFFECTS = {"launch_finetune", "cancel_finetune"}
+SIDE_EFFECTS = {"launch_finetune", "cancel_finetune", "export_finetune"}
 PNG = b"\x89PNG\r\n\x1a\n"
 
 

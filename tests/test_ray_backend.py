@@ -315,6 +315,31 @@ def test_num_gpus_goes_to_ray_so_a_gpu_job_waits_on_a_cpu_head(ray_head, ft_asse
     assert not (Path(job.run_dir) / "progress.jsonl").exists() and not trainers(Path(job.run_dir))
 
 
+def test_the_gpus_a_spec_asks_for_go_to_ray_with_one_trainer_process_each(ray_head, ft_assets, stackwise_home,
+                                                                           store):
+    queue(store, stackwise_home, ft_assets, max_steps=2, gpus=2)
+    job = store.claim("test-worker", backend="ray")
+    backend = backend_for(ray_head, stackwise_home, num_gpus=0)   # the spec's gpus win over the default
+    client, sent = backend.client(), {}
+    submit = client.submit_job
+
+    def recording_submit(**kwargs):
+        sent.update(kwargs)
+        return submit(**kwargs)
+
+    client.submit_job = recording_submit
+    handle = backend.start(job)
+    try:
+        assert sent["entrypoint_num_gpus"] == 2
+        info = client.get_job_info(handle.ref)
+        assert "torch.distributed.run --standalone --nproc-per-node=2 -m tools.finetune.train" in info.entrypoint
+        assert "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=" in info.entrypoint
+        time.sleep(1.0)
+        assert str(backend.client().get_job_status(handle.ref)) == "PENDING"   # this head has no GPU
+    finally:
+        backend.stop(handle, 0)
+
+
 def test_an_unreachable_ray_address_is_a_clear_error_at_once(ft_assets, stackwise_home, store):
     job_id = queue(store, stackwise_home, ft_assets, max_steps=2)
     (port,) = free_ports(1)  # nothing listens there

@@ -13,7 +13,7 @@ import tools.registry as registry_module
 from tools import ENTRY_POINT_GROUP, ToolContext, ToolError, ToolRegistry, tool
 
 BUILTINS = {"explain_concept", "embedding_distance", "launch_finetune", "finetune_status", "cancel_finetune",
-            "shap_report", "kb_ingest"}
+            "shap_report", "kb_ingest", "export_finetune", "finetune_serve_info"}
 REQUIRED = {
     "explain_concept": {"query"},
     "embedding_distance": {"texts"},
@@ -22,6 +22,8 @@ REQUIRED = {
     "cancel_finetune": {"job_id"},
     "shap_report": {"data"},
     "kb_ingest": {"paths"},
+    "export_finetune": set(),
+    "finetune_serve_info": set(),
 }
 RECORD_KEYS = {"tool", "args", "ok", "result", "error"}
 
@@ -62,7 +64,7 @@ def test_the_builtin_tools_are_listed_with_schemas():
         assert t["schema"]["type"] == "object"
         assert set(t["schema"].get("properties", {})) >= REQUIRED[name]
         assert set(t["schema"].get("required", [])) == REQUIRED[name], name
-        assert t["side_effects"] is (name in ("launch_finetune", "cancel_finetune")), name
+        assert t["side_effects"] is (name in ("launch_finetune", "cancel_finetune", "export_finetune")), name
 
 
 def test_the_plugin_tool_is_loaded_from_its_entry_point():

@@ -172,8 +172,10 @@ def test_worker_gpu_forms(workdir):
 
     assert parse_worker_gpu("none") == ("none", None)
     assert parse_worker_gpu("Auto") == ("auto", None)
-    assert parse_worker_gpu(" NVIDIA H200 : 139 ") == ("given", {"name": "NVIDIA H200", "memory_gb": 139.0})
-    for bad in ("H200", ":80", "H200:0", "H200:-3", "H200:lots"):
+    assert parse_worker_gpu(" NVIDIA H200 : 139 ") == ("given", {"name": "NVIDIA H200", "memory_gb": 139.0,
+                                                                 "count": 1})
+    assert parse_worker_gpu("H200:141x2") == ("given", {"name": "H200", "memory_gb": 141.0, "count": 2})
+    for bad in ("H200", ":80", "H200:0", "H200:-3", "H200:lots", "H200:80x0", "H200:80x", "H200:80x100"):
         with pytest.raises(SettingsError, match="NAME:GB"):
             parse_worker_gpu(bad)
 

@@ -23,6 +23,7 @@ from typing import Any
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 
 from agent import templates as T
+from agent import trials
 from agent.brains.llm_client import ChatClient, LLMError
 from agent.brains.llm_grounding import ungrounded_numbers, with_sources
 from agent.brains.llm_prompt import conversation, rounds_of, system_prompt, tool_specs
@@ -107,9 +108,11 @@ class LLMBrain:
         plan = [dict(c) for c in state.get("plan") or []]
         trace = list(state["trace"])
         if not plan and state.get("notice") == T.NOTHING_PENDING.get(lang):
-            return route_steps(self.local, state)      # a bare "yes" with nothing pending: nothing to ask a model
+            return self.local.route_turn(state)        # a bare "yes" with nothing pending (or a trial's full run)
         if not plan and self._memory_command(state):
             return route_steps(self.local, state)      # remember / forget / show: done by memory, the same every time
+        if not plan and trials.wants_full_run(state["text"]):
+            return self.local.route_turn(state)        # "run the full job": the trial's spec, from the job store
         try:
             turn = self.client.complete(self.messages(state, plan), on_token=_token_sink())
         except LLMError as exc:

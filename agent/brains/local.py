@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from typing import Any
 
 from agent import templates as T
+from agent import trials
 from agent.router import SemanticRouter, looks_like_question
 from agent.slots import extract_slots, fill_args
 from agent.state import PlannedCall, TurnState
@@ -46,22 +48,40 @@ def make_local_brain(toolbox: Any, router_embedder: Any = None) -> LocalBrain:
     router = SemanticRouter(list(toolbox.registry), embedder, threshold=settings.router_threshold,
                             cache_dir=settings.cache_dir)
     return LocalBrain(toolbox.registry, router, knowledge=toolbox.knowledge, memory=toolbox.user_memory,
-                      uploads=lambda user_id: toolbox.context(user_id).uploads_dir)
+                      uploads=lambda user_id: toolbox.context(user_id).uploads_dir, jobs=toolbox.jobs)
 
 
 class LocalBrain:
     name = "local"
 
     def __init__(self, registry: ToolRegistry, router: SemanticRouter, knowledge: Any = None, memory: Any = None,
-                 uploads: Any = None):
+                 uploads: Any = None, jobs: Any = None):
         self.registry = registry
+        self.jobs = jobs        # () -> JobsService: the user's trial job, for "run the full job"
         self.uploads = uploads  # (user_id) -> the user's upload folder, for "the file I just sent"
         self.router = router
         self.knowledge = knowledge
         self.memory = memory    # () -> UserMemory: what users told us about themselves
 
     # --- route -----------------------------------------------------------------------------
+    def route_turn(self, state: TurnState) -> dict:
+        """Route each step on its own (``route_steps``), then settle what steps say about each other: a trial's
+        full run gets its lead line as the turn's notice (in place of "nothing is waiting for a yes")."""
+        from agent.graph import route_steps
+
+        update = route_steps(self, state)
+        notice = trials.settle(update["plan"], state.get("notice"), state["lang"],
+                               T.NOTHING_PENDING.get(state["lang"]))
+        if notice != state.get("notice"):
+            update["notice"] = notice
+        return update
+
     def route_step(self, step: str, lang: str, memo: dict[str, Any], user_id: str | None = None) -> PlannedCall:
+        routed_before, memo["routed_at"] = memo.get("routed_at"), time.time()
+        if "launch_finetune" in self.registry:     # after a trial: "run the full job" (or "yes" to its offer)
+            followup = trials.full_run_call(step, lang, memo, user_id, routed_before, self.jobs)
+            if followup is not None:
+                return followup
         intent = memory_intent(step) if self.memory is not None and user_id else None
         if intent is not None and intent[0] != "recall":
             return memory_call(step, self.memory(), user_id, intent, lang)
@@ -91,12 +111,17 @@ class LocalBrain:
                     "record": None, "why": decision.explain()}
         tool = self.registry.get(decision.tool)
         args = fill_args(tool.args_model, slots, lang)
+        amends = False
+        if tool.name == "launch_finetune":
+            if "sample_rows" in args and not {"base_model", "dataset"} & slots.keys() and memo.get("last_launch"):
+                args, amends = {**memo["last_launch"], **args}, True   # "try it on 500 rows first": the launch shown
+            memo["last_launch"] = {k: v for k, v in args.items() if k != "sample_rows"}
         self._resolve_references(tool, args, memo)
-        why = decision.explain()
+        why = decision.explain() + ("; a trial of the launch you asked for before" if amends else "")
         if self.memory is not None and user_id:
             why += "".join(f"; {n}" for n in apply_profile(self.memory(), user_id, tool, args, step))
         return {"step": step, "tool": tool.name, "args": args, "score": decision.score, "status": "planned",
-                "record": None, "why": why}
+                "record": None, "why": why, **({"amends": True} if amends else {})}
 
     def _documents_answer(self, step: str, user_id: str | None) -> bool:
         """Whether a question-shaped step is answered by the user's (or the shared) documents."""
@@ -128,7 +153,7 @@ class LocalBrain:
 
     def answer_question(self, step: str, lang: str, asked: dict) -> PlannedCall | None:
         """The asked-for call again, with ``step`` as the missing value — unless ``step`` is a new request."""
-        if asked.get("tool") not in self.registry or len(step) > 120:
+        if asked.get("tool") not in self.registry or len(step) > 120 or trials.wants_full_run(step):
             return None
         slots = extract_slots(step, lang)
         decision = self.router.route(step, slots)
@@ -234,7 +259,7 @@ class LocalBrain:
         parts = []
         if state.get("notice"):
             parts.append(state["notice"])
-            if all(not c.get("tool") for c in state["plan"]) and len(state.get("text", "")) < 40:
+            if all(not c.get("tool") and not c.get("reply") for c in state["plan"]) and len(state.get("text", "")) < 40:
                 return state["notice"]   # a bare "yes"/"no" with nothing pending: just say so
         for call in state["plan"]:
             parts.append(self._call_answer(call, lang))
@@ -249,7 +274,7 @@ class LocalBrain:
         if call.get("memory"):
             return call["memory"]["answer"]
         if not call.get("tool"):
-            return T.chat_reply(call["step"], lang)
+            return call.get("reply") or T.chat_reply(call["step"], lang)
         record = call.get("record")
         if record is None:
             return ""

@@ -7,7 +7,12 @@ GPU machine) and the tiny locally trained tokenizer; rows are synthetic chain-of
 ``--seq`` tokens, so every step trains full-length sequences.
 
     python evals/gpu/worker_check.py --out OUT [--jobs 0.5b:lora,0.5b:qlora,7b:lora] [--steps 50]
-        [--batch 4] [--seq 2048]
+        [--batch 4] [--seq 2048] [--sequential] [--dropout 0.05]
+
+A job may carry options after its method: ``7b:lora:gpus=2:batch=2`` (the spec's ``gpus`` and per-GPU
+``batch_size``). ``--sequential`` writes ``"sampling": "sequential"`` into each queued run's spec.json, so jobs
+with the same global batch (1 GPU × 4, 2 GPUs × 2) train on the same rows in the same order — the data-parallel
+loss check (with ``--dropout 0``).
 
 Writes ``OUT/worker-<shape>-<method>.json`` per job (the job record, preflight, summary, last progress
 lines) and ``OUT/worker-<jobs>.log`` (the worker's output), and prints one line per job.
@@ -55,6 +60,15 @@ def prepare(shapes: set[str], args: argparse.Namespace, work: Path) -> dict[str,
     return made
 
 
+def parse_job(text: str) -> tuple[str, str, dict]:
+    """``7b:lora:gpus=2:batch=2`` → ("7b", "lora", {"gpus": 2, "batch_size": 2}); ``engine=unsloth`` too."""
+    shape, method, *rest = text.strip().split(":")
+    names = {"gpus": "gpus", "batch": "batch_size", "engine": "engine"}
+    options = {names[key]: value if key == "engine" else int(value)
+               for key, _, value in (item.partition("=") for item in rest)}
+    return shape, method, options
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", required=True)
@@ -64,11 +78,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--work", default="/tmp/sw-worker-check")
+    parser.add_argument("--sequential", action="store_true", help="rows in file order (see the docstring)")
+    parser.add_argument("--dropout", type=float, default=0.05, help="lora_dropout")
+    parser.add_argument("--no-eval", action="store_true",
+                        help="skip the held-out evaluation after training (spec.json \"evaluate\": false)")
     args = parser.parse_args(argv)
     out, work = Path(args.out).resolve(), Path(args.work).resolve()
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    wanted = [tuple(pair.split(":")) for pair in args.jobs.split(",")]
+    wanted = [parse_job(text) for text in args.jobs.split(",")]
     home = work / "home"
     env = {**os.environ, "STACKWISE_HOME": str(home), "STACKWISE_DATA_ROOTS": str(work), "HF_HUB_OFFLINE": "1",
            "STACKWISE_JOB_BACKEND": "local", "STACKWISE_WORKER_GPU": "auto"}
@@ -78,14 +96,15 @@ def main(argv: list[str] | None = None) -> int:
     from agent.toolbox import Toolbox
 
     t0 = time.time()
-    models = prepare({shape for shape, _ in wanted}, args, work)
+    models = prepare({shape for shape, _, _ in wanted}, args, work)
     print(f"models and data ready in {time.time() - t0:.0f} s", flush=True)
     toolbox = Toolbox(Settings.from_env(env))
     launched = []
-    for shape, method in wanted:
+    for shape, method, options in wanted:
         spec = {"base_model": str(models[shape]), "dataset": str(work / f"cot-{shape}.jsonl"), "method": method,
                 "lora_rank": 16, "lora_alpha": 32, "max_steps": args.steps, "batch_size": args.batch,
-                "grad_accum": 1, "max_seq_len": args.seq, "eval_fraction": 0.02, "learning_rate": 2e-4}
+                "grad_accum": 1, "max_seq_len": args.seq, "eval_fraction": 0.02, "learning_rate": 2e-4,
+                "lora_dropout": args.dropout, **options}
         t1 = time.time()
         record = toolbox.call_tool("launch_finetune", spec, user_id=USER)
         launch_s = time.time() - t1
@@ -93,11 +112,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{shape} {method}: launch refused: {json.dumps(record.get('error'))}", flush=True)
             continue
         job_id = record["result"]["job_id"]
-        launched.append((shape, method, job_id, launch_s))
-        print(f"{shape} {method}: queued {job_id} in {launch_s:.2f} s", flush=True)
+        label = "-".join([shape, method, *(f"{k}{v}" for k, v in options.items())])
+        run_keys = {**({"sampling": "sequential"} if args.sequential else {}),
+                    **({"evaluate": False} if args.no_eval else {})}
+        if run_keys:
+            spec_path = Path(toolbox.jobs().show(job_id, USER)["run_dir"]) / "spec.json"
+            spec_path.write_text(json.dumps({**json.loads(spec_path.read_text()), **run_keys}))
+        launched.append((label, method, job_id, launch_s))
+        print(f"{label}: queued {job_id} in {launch_s:.2f} s", flush=True)
 
     t2 = time.time()
-    log_name = "worker-" + "_".join(f"{shape}-{method}" for shape, method in wanted) + ".log"
+    log_name = "worker-" + "_".join(f"{shape}-{method}" for shape, method, _ in wanted) + ".log"
     with open(out / log_name, "w", encoding="utf-8") as log:
         worker = subprocess.run([sys.executable, "-c", "import sys; from bots.cli import main; "
                                  "sys.exit(main(['worker', '--drain']))"],
@@ -105,14 +130,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"worker --drain exit {worker.returncode} after {time.time() - t2:.0f} s", flush=True)
 
     jobs = toolbox.jobs()
-    for shape, method, job_id, launch_s in launched:
+    for label, method, job_id, launch_s in launched:
         job = jobs.show(job_id, USER)
         run = Path(job["run_dir"])
         progress = [json.loads(line) for line in (run / "progress.jsonl").read_text().splitlines()] \
             if (run / "progress.jsonl").exists() else []
         summary = job.get("summary") or {}
         pre = job.get("preflight") or {}
-        result = {"shape": shape, "method": method, "job": {k: job.get(k) for k in ("id", "status", "error",
+        result = {"job_label": label, "method": method, "job": {k: job.get(k) for k in ("id", "status", "error",
                                                                                     "attempts", "history")},
                   "launch_s": round(launch_s, 2), "preflight": {k: pre.get(k) for k in (
                       "rows", "tokens", "training", "params", "vram", "time", "fits", "gradient_checkpointing",
@@ -120,11 +145,11 @@ def main(argv: list[str] | None = None) -> int:
                   "summary": summary, "progress_last": progress[-3:],
                   "comparison": (json.loads((run / "comparison.json").read_text())[:1]
                                  if (run / "comparison.json").exists() else None)}
-        (out / f"worker-{shape}-{method}.json").write_text(json.dumps(result, indent=1, default=str),
+        (out / f"worker-{label}.json").write_text(json.dumps(result, indent=1, default=str),
                                                           encoding="utf-8")
         vram, speed = (pre.get("vram") or {}).get("total_gb"), (pre.get("time") or {}).get("tokens_per_s")
         last = progress[-1] if progress else {}
-        print(f"{shape} {method} {job_id}: {job['status']}, steps {summary.get('steps')}/{summary.get('total_steps')}, "
+        print(f"{label} {job_id}: {job['status']}, steps {summary.get('steps')}/{summary.get('total_steps')}, "
               f"tokens/s {last.get('tokens_per_s')} (whole run {summary.get('tokens_per_s')}), peak "
               f"{summary.get('peak_gpu_mem_gb')} GiB, loss {summary.get('final_loss')}; estimate {vram} GiB, "
               f"{speed} tokens/s; error {job.get('error')}", flush=True)

@@ -1,9 +1,7 @@
-"""Fine-tuning tools: ``launch_finetune``, ``finetune_status``, ``cancel_finetune``.
-
-The argument models are declared now so the brain can route and fill them; the launcher,
-worker and job store arrive with the fine-tune issue and replace the ``not_available`` runs.
-"""
+"""Fine-tuning tools: ``launch_finetune``, ``finetune_status``, ``cancel_finetune``, and for a finished job
+``export_finetune`` (merge, vLLM folder, GGUF) and ``finetune_serve_info`` (the serving commands)."""
 
 from tools.finetune.declare import cancel_finetune, finetune_status, launch_finetune
+from tools.finetune.declare_export import export_finetune, finetune_serve_info
 
-__all__ = ["cancel_finetune", "finetune_status", "launch_finetune"]
+__all__ = ["cancel_finetune", "export_finetune", "finetune_serve_info", "finetune_status", "launch_finetune"]

@@ -35,6 +35,15 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from memory.jobs_model import Job
+from tools.finetune.distributed import (
+    clear_failures,
+    devices_for,
+    launcher_env,
+    processes_for,
+    requested_gpus,
+    train_argv,
+    visible_gpus,
+)
 from tools.finetune.rundir import RunPaths
 
 log = logging.getLogger("stackwise.worker")
@@ -103,12 +112,11 @@ def tail_lines(path: Path, n: int, *, max_bytes: int = 256_000) -> list[str]:
     return lines[-n:] if n > 0 else []
 
 
-def train_command(python: str, job: Job) -> list[str]:
-    """``python -m tools.finetune.train RUN`` plus ``--resume`` for a resumed job or a run dir with a checkpoint."""
-    command = [python, "-m", "tools.finetune.train", str(job.run_dir)]
-    if job.attempts > 1 or latest_checkpoint(job.run_dir) is not None:
-        command.append("--resume")
-    return command
+def train_command(python: str, job: Job, processes: int = 1) -> list[str]:
+    """``python -m tools.finetune.train RUN`` plus ``--resume`` for a resumed job or a run dir with a checkpoint;
+    through PyTorch's launcher (``torch.distributed.run``) for ``processes`` > 1 (data-parallel on as many GPUs)."""
+    resume = job.attempts > 1 or latest_checkpoint(job.run_dir) is not None
+    return train_argv(python, job.run_dir, processes=processes, resume=resume)
 
 
 def run_logs(run_dir: str | Path, tail: int) -> str:
@@ -150,16 +158,29 @@ class LocalBackend:
                 self.env[var] = str(int(threads))
         self._die_with_parent = _parent_death_signal()
 
+    def processes(self, job: Job) -> int:
+        """Training processes for ``job``: its ``gpus``, or every GPU this machine shows the trainer (one process
+        without GPUs); ``BackendError`` when it asks for more GPUs than there are."""
+        try:
+            return processes_for(requested_gpus(job.run_dir), visible_gpus({**os.environ, **self.env}))
+        except ValueError as exc:
+            raise BackendError(str(exc)) from None
+
     def command(self, job: Job) -> list[str]:
         """The command line that trains ``job``."""
-        return train_command(self.python, job)
+        return train_command(self.python, job, self.processes(job))
 
     def start(self, job: Job) -> RunHandle:
         run_dir = Path(job.run_dir)
         if not RunPaths(run_dir).spec.is_file():
             raise BackendError(f"the run directory {run_dir} has no spec.json")
+        processes = self.processes(job)
         command = self.command(job)
-        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1", "PYTHONPATH": project_pythonpath(self.env)}
+        clear_failures(run_dir)
+        env = {**os.environ, **launcher_env(processes), **self.env, "PYTHONUNBUFFERED": "1",
+               "PYTHONPATH": project_pythonpath(self.env)}
+        if (devices := devices_for(processes, env)) is not None:
+            env["CUDA_VISIBLE_DEVICES"] = devices
         stamp = datetime.now(UTC).isoformat(timespec="seconds")
         try:
             with RunPaths(run_dir).worker_log.open("ab") as out:
@@ -296,9 +317,16 @@ class RayBackend:
         digest = hashlib.sha256(str(job.run_dir).encode()).hexdigest()[:10]
         return f"stackwise-{job.id}-{attempt or max(job.attempts, 1)}-{digest}"
 
+    def gpus(self, job: Job) -> float:
+        """``entrypoint_num_gpus`` for ``job``: the GPUs its spec asks for, else ``num_gpus``."""
+        return requested_gpus(job.run_dir) or self.num_gpus
+
     def entrypoint(self, job: Job) -> str:
-        """The shell command Ray runs for ``job``."""
-        return f"cd {shlex.quote(str(job.run_dir))} && exec {shlex.join(train_command(self.python, job))}"
+        """The shell command Ray runs for ``job``: one trainer process per whole GPU it reserves."""
+        processes = max(int(self.gpus(job)), 1)
+        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in launcher_env(processes).items())
+        command = shlex.join(train_command(self.python, job, processes))
+        return f"cd {shlex.quote(str(job.run_dir))} && {env + ' ' if env else ''}exec {command}"
 
     def runtime_env(self) -> dict[str, Any]:
         return {"env_vars": {**self.env, "RAY_JOB_STOP_WAIT_TIME_S": str(max(1, round(self.stop_grace_s)))}}
@@ -326,15 +354,17 @@ class RayBackend:
         self._stop_earlier_attempts(job)
         sid = self.submission_id(job)
         entrypoint = self.entrypoint(job)
+        gpus = self.gpus(job)
         found = self._find(sid)
         if found is None:
+            clear_failures(run_dir)
             try:
                 self._call("submit", self.client().submit_job, entrypoint=entrypoint, submission_id=sid,
-                           entrypoint_num_gpus=self.num_gpus, entrypoint_num_cpus=self.num_cpus,
+                           entrypoint_num_gpus=gpus, entrypoint_num_cpus=self.num_cpus,
                            runtime_env=self.runtime_env(),
                            metadata={"stackwise_job": job.id, "owner": job.owner, "run_dir": str(run_dir),
                                      "attempt": str(max(job.attempts, 1))})
-                what = f"submitted to {self.where} as {sid} (entrypoint_num_gpus={self.num_gpus}): {entrypoint}"
+                what = f"submitted to {self.where} as {sid} (entrypoint_num_gpus={gpus:g}): {entrypoint}"
             except BackendError as exc:
                 found = self._find(sid) if "already exists" in str(exc) else None
                 if found is None:  # else a submission that raced this one: the same run

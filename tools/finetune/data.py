@@ -407,9 +407,17 @@ def render_dataset(spec, path: Path, tokenizer=None) -> PreparedData:
     """Read, check, split (``spec.eval_fraction``, ``spec.seed``) and render the data set, in memory."""
     examples, fmt, container = load_examples(Path(path), spec.data_format)
     train_idx, eval_idx = split_indices(len(examples), spec.eval_fraction, spec.seed)
+    return render_rows(examples, train_idx, eval_idx, tokenizer, fmt, container)
+
+
+def render_rows(examples: list[Example], train_idx: list[int], eval_idx: list[int], tokenizer, fmt: str,
+                container: str) -> PreparedData:
+    """The chosen rows of a checked data set rendered (``train_idx`` / ``eval_idx`` index ``examples``; a trial
+    renders only its sample)."""
     has_template = _has_template(tokenizer)
     notices = [] if has_template else ["The model has no chat template; prompts use a plain '### User:' layout."]
-    prompts = render_prompts([e.messages for e in examples], tokenizer)
+    wanted = [*train_idx, *eval_idx]
+    prompts = dict(zip(wanted, render_prompts([examples[i].messages for i in wanted], tokenizer), strict=True))
     return PreparedData(train=[render(examples[i], tokenizer, prompts[i]) for i in train_idx],
                         eval=[render(examples[i], tokenizer, prompts[i]) for i in eval_idx],
                         format=fmt, container=container, chat_template=has_template, notices=notices)

@@ -1,14 +1,9 @@
 """``launch_finetune``'s work: find the base model offline, check the job (the preflight the user confirms
 against), and queue it with a ready run directory.
 
-Base models, offline only:
-
-- a folder with ``config.json`` + tokenizer files + weights, inside the allowed roots (like data files);
-- a Hugging Face id (``Qwen/Qwen2.5-0.5B``) found in the local hub cache (a bare name such as
-  ``Qwen2.5-0.5B`` matches one cached ``models--*--Qwen2.5-0.5B``); ``ctx.extras["hf_cache_dir"]``
-  overrides the cache folder;
-- ``modelscope:org/name`` found in the ModelScope cache (``ctx.extras["modelscope_cache_dir"]``,
-  else ``$MODELSCOPE_CACHE``, else ``~/.cache/modelscope/hub``).
+Base models are found offline (a folder in the allowed roots, the Hugging Face or ModelScope cache) by
+tools/finetune/sources.py; ``spec.json`` records the folder (``base_model_path``) and how it was named
+(``base_model_source``), so a worker without that folder can find or fetch the model itself.
 
 The GPU the user told us they have (``ctx.extras["user_gpu"]``, from user memory) adds advice to the preflight:
 a warning with the QLoRA estimate when the job will not fit it (it never blocks: the worker's GPU decides).
@@ -33,8 +28,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
-import re
 import shutil
 import tempfile
 import threading
@@ -44,30 +37,19 @@ from pathlib import Path
 from typing import Any
 
 from tools.base import ToolContext, ToolError, safe_segment
-from tools.finetune.data import TOKENIZER_FILES, PreparedData, load_tokenizer, render_dataset
-from tools.finetune.preflight import preflight, tokens_per_second, user_gpu_advice
+from tools.finetune.data import TOKENIZER_FILES, PreparedData, load_tokenizer
+from tools.finetune.preflight import parallel_speedup, preflight, tokens_per_second, user_gpu_advice
 from tools.finetune.rundir import RunPaths
+from tools.finetune.sample import memo_key, prepare_data, spec_fields, trial_warning
+from tools.finetune.sources import ResolvedModel, resolve_model
 from tools.finetune.spec import FinetuneSpec
 from tools.finetune.status import open_jobs
 from tools.paths import resolve_user_path
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(?:/[A-Za-z0-9][\w.-]{0,95})?$")
-WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
 REFERENCE_GPU = {"name": "H200", "memory_gb": 141}
 MEMO_MAX_ROWS = 200_000          # bigger data sets are rendered again after "yes" rather than kept in memory
-ORG_GUESSES = {"qwen": "Qwen", "deepseek": "deepseek-ai", "llama": "meta-llama", "meta-llama": "meta-llama",
-               "mistral": "mistralai", "gemma": "google", "phi": "microsoft", "smollm": "HuggingFaceTB"}
 NEXT = "the worker runs it: `stackwise worker`"
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ResolvedModel:
-    """Where a base model was found: a local folder, and how it was named and looked up."""
-
-    path: Path
-    source: str          # "local", "huggingface" or "modelscope"
-    ref: str             # what the user asked for, or the full hub id it resolved to
 
 
 @dataclass
@@ -81,105 +63,7 @@ class CheckedJob:
     report: dict
 
 
-# ---- base model ----------------------------------------------------------------------------------------
-
-def resolve_model(raw: str, ctx: ToolContext) -> ResolvedModel:
-    """The local folder of ``raw`` (a path, a hub id, or ``modelscope:org/name``); ``ToolError`` otherwise."""
-    raw = raw.strip()
-    if raw.lower().startswith("modelscope:"):
-        return _from_modelscope(raw.split(":", 1)[1].strip(), ctx)
-    if raw.startswith(("/", "~", ".")) or "\\" in raw or raw.count("/") > 1 or not HUB_ID.match(raw):
-        try:
-            return ResolvedModel(_model_folder(resolve_user_path(raw, ctx), raw), "local", raw)
-        except ToolError as e:
-            if e.type != "not_found":
-                raise
-            raise ToolError("model_not_found", f"I can't find the model folder {raw!r} in your uploads or the "
-                                               "working directory.") from None
-    try:
-        local = resolve_user_path(raw, ctx)
-    except ToolError as e:
-        if e.type != "not_found":
-            raise
-    else:
-        if local.is_dir():
-            return ResolvedModel(_model_folder(local, raw), "local", raw)
-    return _from_hf_cache(raw, ctx)
-
-
-def _from_hf_cache(name: str, ctx: ToolContext) -> ResolvedModel:
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
-    cache = Path(ctx.extras.get("hf_cache_dir") or constants.HF_HUB_CACHE).expanduser()
-    repo_id = name if "/" in name else _cached_repo_named(cache, name)
-    if repo_id is not None:
-        try:
-            folder = Path(snapshot_download(repo_id, local_files_only=True, cache_dir=str(cache)))
-        except (LocalEntryNotFoundError, HFValidationError, OSError):
-            pass
-        else:
-            return ResolvedModel(_model_folder(folder, repo_id), "huggingface", repo_id)
-    full = repo_id or _guess_id(name)
-    what = f"{name!r}" if full == name else f"{name!r} (as {full})"
-    raise ToolError("model_not_found", f"The base model {what} is not available offline: it is not a folder in "
-                                       f"your uploads or the working directory, and not in the Hugging Face "
-                                       f"cache ({cache}). On a machine "
-                                       f"with internet run `huggingface-cli download {full}` and copy the cache "
-                                       "folder here, or give a local folder with config.json, tokenizer files "
-                                       "and weights.")
-
-
-def _cached_repo_named(cache: Path, name: str) -> str | None:
-    """``org/name`` of the one cached hub model called ``name`` (any organisation, any case), or None."""
-    want = name.casefold()
-    try:
-        found = [d.name[len("models--"):].split("--", 1) for d in cache.iterdir() if d.name.startswith("models--")]
-    except OSError:
-        return None
-    matches = {"/".join(parts) for parts in found if len(parts) == 2 and parts[1].casefold() == want}
-    return matches.pop() if len(matches) == 1 else None
-
-
-def _guess_id(name: str) -> str:
-    """``Qwen2.5-0.5B`` → ``Qwen/Qwen2.5-0.5B`` for the download hint (the name itself when unsure)."""
-    if "/" in name:
-        return name
-    lower = name.casefold()
-    org = next((org for prefix, org in ORG_GUESSES.items() if lower.startswith(prefix)), None)
-    return f"{org}/{name}" if org else name
-
-
-def _from_modelscope(model_id: str, ctx: ToolContext) -> ResolvedModel:
-    if not HUB_ID.match(model_id) or "/" not in model_id:
-        raise ToolError("model_not_found", f"{model_id!r} is not a ModelScope id (modelscope:org/name).")
-    # Tools do not read the environment, but MODELSCOPE_CACHE is the library's own setting (like HF_HOME).
-    root = Path(ctx.extras.get("modelscope_cache_dir") or os.environ.get("MODELSCOPE_CACHE")
-                or "~/.cache/modelscope/hub").expanduser()
-    org, name = model_id.split("/", 1)
-    for base in (root / "models" / org, root / org):      # newer and older cache layouts; '.' may be '___'
-        folder = next((base / n for n in (name, name.replace(".", "___")) if (base / n / "config.json").is_file()),
-                      None)
-        if folder is not None:
-            return ResolvedModel(_model_folder(folder, model_id), "modelscope", model_id)
-    raise ToolError("model_not_found", f"The base model modelscope:{model_id} is not in the ModelScope cache "
-                                       f"({root}). On a machine with internet run `modelscope download --model "
-                                       f"{model_id}` and copy the cache folder here, or give a local folder.")
-
-
-def _model_folder(folder: Path, shown: str) -> Path:
-    """``folder`` if it holds a loadable model (config, tokenizer, weights); ``ToolError`` saying what is missing."""
-    if not folder.is_dir():
-        raise ToolError("bad_model", f"{shown!r} is a file; the base model is a folder with config.json.")
-    if not (folder / "config.json").is_file():
-        raise ToolError("bad_model", f"{shown!r} has no config.json, so it is not a model folder.")
-    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
-        raise ToolError("bad_model", f"{shown!r} has no tokenizer files ({', '.join(TOKENIZER_FILES)}).")
-    if not any(any(folder.glob(p)) for p in WEIGHT_PATTERNS):
-        raise ToolError("bad_model", f"{shown!r} has no weights (*.safetensors or *.bin); the download may be "
-                                     "incomplete.")
-    return folder
-
+# ---- base model (found by tools/finetune/sources.py) ------------------------------------------------
 
 def _read_config(folder: Path, shown: str) -> dict:
     try:
@@ -218,7 +102,8 @@ def check_job(spec: FinetuneSpec, ctx: ToolContext) -> CheckedJob:
     if callable(gpu):
         gpu = gpu()
     config_path = model.path / "config.json"
-    key = (_stamp(data_path), _stamp(config_path), spec.model_dump_json(), gpu_known, json.dumps(gpu))
+    key = (_stamp(data_path), _stamp(config_path), spec.model_dump_json(), gpu_known, json.dumps(gpu),
+           memo_key(spec, ctx.lang))
     with _memo_lock:
         if key in _memo:
             return _with_user_gpu(_memo[key], ctx)
@@ -227,7 +112,7 @@ def check_job(spec: FinetuneSpec, ctx: ToolContext) -> CheckedJob:
     if tokenizer is None:
         raise ToolError("bad_model", f"I can't load a tokenizer from {model.ref!r}.")
     try:
-        data = render_dataset(spec, data_path, tokenizer)
+        spec, data, trial = prepare_data(spec, data_path, tokenizer)    # a trial (sample_rows) draws its sample
     except OSError as e:     # permissions, a file removed meanwhile, an I/O error
         raise ToolError("bad_data", f"I can't read {data_path.name}: {e.strerror or e}.") from None
     config = _read_config(model.path, model.ref)
@@ -241,6 +126,9 @@ def check_job(spec: FinetuneSpec, ctx: ToolContext) -> CheckedJob:
     if not gpu_known:
         _assume_unknown_gpu(report, spec)
     report["warnings"] += [{"level": "info", "code": "no_chat_template", "message": n} for n in data.notices]
+    if trial is not None:      # what a trial sampled, how, and its schedule
+        report["trial"] = trial
+        report["warnings"].append(trial_warning(trial, spec, ctx.lang))
     report["model"] = {"requested": spec.base_model, "resolved": model.ref, "source": model.source,
                        "path": str(model.path)}
     report["dataset_path"] = str(data_path)
@@ -281,6 +169,9 @@ def _assume_unknown_gpu(report: dict, spec: FinetuneSpec) -> None:
     for w in report["warnings"]:
         if w["code"] == "slow_on_cpu":
             continue
+        if w["code"] == "not_enough_gpus":
+            w = {**w, "level": "warning", "message": f"The job asks for gpus={spec.gpus}; the worker's GPUs are "
+                                                     "unknown here, so the worker checks it when it starts the job."}
         if w["code"] == "qlora_needs_gpu":
             w = {**w, "level": "warning", "message": "QLoRA needs a CUDA GPU on the worker (bitsandbytes 4-bit "
                                                      "kernels); it fails on a CPU-only worker."}
@@ -288,6 +179,7 @@ def _assume_unknown_gpu(report: dict, spec: FinetuneSpec) -> None:
     report["warnings"] = kept
     if report.get("params") and report.get("time"):
         tps = tokens_per_second(report["params"]["total"], spec.method, REFERENCE_GPU, checkpointing=False)
+        tps *= parallel_speedup(report["training"].get("gpus", 1))
         report["time"] = {"tokens_per_s": round(tps), "seconds": round(report["training"]["total_tokens"] / tps),
                           "gpu_kind": "H200", "assumed_gpu": True,
                           "basis": "the worker's GPU is unknown; DESIGN §9 H200 LoRA baseline"}
@@ -319,7 +211,9 @@ def queue_job(spec: FinetuneSpec, ctx: ToolContext) -> dict:
         _write_rows(checked.data.train, RunPaths(staging).train_data)
         _write_rows(checked.data.eval, RunPaths(staging).eval_data)
         run_spec = spec.model_dump() | {"base_model_path": str(checked.model.path),
+                                        "base_model_source": checked.model.record(),
                                         "gradient_checkpointing": bool(checked.report["gradient_checkpointing"])}
+        run_spec |= checked.spec.model_dump() | spec_fields(checked.report.get("trial"))   # a trial's sample, schedule
         with open_jobs(ctx) as jobs, _queue_lock:
             job_id, run_dir = _place(jobs, staging, owner_dir, run_spec)
             job = jobs.create(ctx.user_id, run_spec | {"job_id": job_id}, checked.report, run_dir,

@@ -27,6 +27,11 @@ constants (k = 90, logits 10 B), fitted to DESIGN §9's peaks whose batch size i
 1.28× too high there. The checkpointed k = 4 still rests on DESIGN §9 (7B: 30 GiB measured, 31.5 formula).
 Checked afterwards through ``stackwise worker --drain`` (``evals/gpu/worker_check.py``, same settings): LoRA 0.5B
 14.6 GiB (+14 %), LoRA 7B 76.3 GiB (−0.2 %), QLoRA 0.5B 13.9 GiB (+16 %), QLoRA 7B 65.9 GiB (+1.9 %).
+With Liger kernels (on by default from 3B parameters on a GPU, ``speed.py``) the logits term is 0 (the fused
+linear + cross-entropy never materialises them) and k = 51 B instead of 64 B; LoRA dropout > 0 adds 12 B (the
+dropped-out input of every adapted layer is kept for the backward). Fitted on the worker runs: 7B LoRA with Liger
+65.1 GiB measured (formula 65.0, −0.2 %), the same with dropout 0 56.0 GiB (formula 55.8, −0.4 %), 7B QLoRA with
+Liger 54.6 GiB (formula 56.0, +2.5 %); Liger's speed is × 1.16.
 It fits when the total is ≤ 95 % of the GPU memory; gradient checkpointing is recommended when only the
 checkpointed estimate fits.
 
@@ -53,10 +58,14 @@ from tools.finetune.data import PreparedData, read_prepared, render_dataset
 GIB = 2**30
 TOKEN_SAMPLE = 20_000            # rows tokenised exactly; larger data sets are sampled and scaled
 TOKENIZER_THREADS, TOKENIZER_CHUNK = 4, 1000
-K_ACT_BF16, K_ACT_CHECKPOINTED, K_LOGITS, K_LOGITS_CHECKPOINTED = 76, 4, 1, 10
+K_ACT_BF16, K_ACT_CHECKPOINTED, K_LOGITS, K_LOGITS_CHECKPOINTED = 64, 4, 1, 10
+K_ACT_LIGER = 51          # Liger's fused RMSNorm / SwiGLU / RoPE keep fewer intermediates
+K_LORA_DROPOUT = 12       # LoRA dropout > 0 keeps each adapted layer's dropped-out input for the backward
+LIGER_SPEED = 1.16        # measured through the worker, 7B LoRA (12.7k vs 11.0k tokens/s) and QLoRA (1.17)
 OVERHEAD_GIB = 2.0
 NF4_BYTES = 0.5 + 0.127 / 8
 FIT_SHARE = 0.95
+DP_EFFICIENCY = 0.95  # data-parallel scaling per GPU (DDP): measured 0.96 for 7B LoRA on 2 H200s (evals/gpu/README.md)
 # GPU kind → (throughput factor relative to H200, cap in tokens/s)
 GPU_KINDS = {"H200": (1.0, 250_000), "H100": (0.85, 220_000), "A100": (0.35, 120_000),
              "4090": (0.3, 100_000), "CPU": (0.002, 20_000)}
@@ -107,18 +116,22 @@ def count_params(config: dict, method: str, rank: int, targets: list[str] | None
             "target_modules": chosen, "unknown_targets": unknown, "hidden": h, "layers": layers, "vocab": vocab}
 
 
-def estimate_vram(params: dict, method: str, batch: int, seq: int, *, checkpointing: bool) -> dict:
-    """The VRAM terms of the module docstring, in GiB."""
+def estimate_vram(params: dict, method: str, batch: int, seq: int, *, checkpointing: bool,
+                  liger: bool = False, lora_dropout: float = 0.05) -> dict:
+    """The VRAM terms of the module docstring, in GiB (``liger``: the fused kernels the worker uses from
+    ``LIGER_MIN_PARAMS`` parameters on a GPU — no logits, fewer activations)."""
     weights = (NF4_BYTES * params["linear"] + 2 * (params["total"] - params["linear"]) if method == "qlora"
                else 2 * params["total"])
     trainable = 16 * params["trainable"]
-    k = K_ACT_CHECKPOINTED if checkpointing else K_ACT_BF16
-    j = K_LOGITS_CHECKPOINTED if checkpointing else K_LOGITS
+    dropout = K_LORA_DROPOUT if method != "full" and lora_dropout > 0 else 0
+    k = K_ACT_CHECKPOINTED if checkpointing else (K_ACT_LIGER if liger else K_ACT_BF16) + dropout
+    j = 0 if liger else K_LOGITS_CHECKPOINTED if checkpointing else K_LOGITS
     acts = batch * seq * params["hidden"] * params["layers"] * k + batch * seq * params["vocab"] * j
     terms = {"weights_gb": weights / GIB, "trainable_states_gb": trainable / GIB, "activations_gb": acts / GIB,
              "overhead_gb": OVERHEAD_GIB}
     return {**{k: round(v, 3) for k, v in terms.items()}, "total_gb": round(sum(terms.values()), 2),
-            "gradient_checkpointing": checkpointing, "k_activation_bytes": k, "seq": seq, "batch": batch}
+            "gradient_checkpointing": checkpointing, "liger": liger, "k_activation_bytes": k, "seq": seq,
+            "batch": batch}
 
 
 def gpu_kind(gpu: dict | None) -> tuple[str, bool]:
@@ -209,14 +222,46 @@ def _length_stats(data: PreparedData, spec, tokenizer) -> dict:
             "tokens_per_epoch": round(per_train_row * len(data.train))}
 
 
-def _schedule(spec, n_train: int, tokens_per_epoch: int) -> dict:
+def data_parallel(spec, gpu: dict | None) -> int:
+    """Training processes: the GPUs the spec asks for, else every GPU the worker has (``gpu["count"]``), else 1."""
+    if getattr(spec, "gpus", None):
+        return int(spec.gpus)
+    return max(int((gpu or {}).get("count") or 1), 1)
+
+
+def _schedule(spec, n_train: int, tokens_per_epoch: int, gpus: int = 1) -> dict:
     sequences = math.ceil(tokens_per_epoch / spec.max_seq_len) if spec.packing else n_train
-    steps_per_epoch = max(1, math.ceil(math.ceil(sequences / spec.batch_size) / spec.grad_accum))
+    per_gpu_batches = math.ceil(math.ceil(sequences / spec.batch_size) / gpus)
+    steps_per_epoch = max(1, math.ceil(per_gpu_batches / spec.grad_accum))
     total = spec.max_steps or max(1, math.ceil(spec.epochs * steps_per_epoch))
     return {"epochs": spec.epochs, "max_steps": spec.max_steps, "batch_size": spec.batch_size,
-            "grad_accum": spec.grad_accum, "effective_batch": spec.batch_size * spec.grad_accum,
+            "grad_accum": spec.grad_accum, "gpus": gpus, "effective_batch": spec.batch_size * spec.grad_accum * gpus,
             "packing": spec.packing, "steps_per_epoch": steps_per_epoch, "total_steps": total,
             "total_tokens": round(tokens_per_epoch * total / steps_per_epoch)}
+
+
+def uses_liger(total_params: int, gpu: dict | None, spec) -> bool:
+    """Whether the worker trains this job with Liger kernels by default (``speed.choose``: from LIGER_MIN_PARAMS
+    parameters, on a GPU, with stackwise's own engine)."""
+    from tools.finetune.speed import LIGER_MIN_PARAMS
+
+    return gpu is not None and total_params >= LIGER_MIN_PARAMS and getattr(spec, "engine", "auto") != "unsloth"
+
+
+def parallel_speedup(gpus: int) -> float:
+    """Throughput of ``gpus`` data-parallel GPUs relative to one (DP_EFFICIENCY per added GPU's share)."""
+    return 1.0 if gpus <= 1 else gpus * DP_EFFICIENCY
+
+
+def _check_gpu_count(warnings: list, spec, gpu: dict | None) -> None:
+    asked = getattr(spec, "gpus", None)
+    if not asked or asked <= 1 and gpu is not None:
+        return
+    have = 0 if gpu is None else int(gpu.get("count") or 1)
+    if asked > have:
+        where = "has no GPU" if have == 0 else f"has {have} GPU{'s' if have > 1 else ''}"
+        _warn(warnings, "error", "not_enough_gpus", f"The job asks for gpus={asked}, but the worker {where}; "
+                                                    f"ask for {max(have, 1) if have else 'none (leave gpus out)'}.")
 
 
 def preflight(spec, rows_or_path, tokenizer, model_config: dict | None, gpu: dict | None) -> dict:
@@ -231,7 +276,8 @@ def preflight(spec, rows_or_path, tokenizer, model_config: dict | None, gpu: dic
     warnings: list[dict] = []
     n_train, n_eval = len(data.train), len(data.eval)
     lengths = _length_stats(data, spec, tokenizer)
-    schedule = _schedule(spec, n_train, lengths["tokens_per_epoch"])
+    gpus = data_parallel(spec, gpu)
+    schedule = _schedule(spec, n_train, lengths["tokens_per_epoch"], gpus)
     if n_train + n_eval < 50:
         _warn(warnings, "warning", "tiny_dataset", f"Only {n_train + n_eval} rows: the model will barely change "
                                                    "and may just memorise them; a few hundred rows or more is typical.")
@@ -256,6 +302,7 @@ def preflight(spec, rows_or_path, tokenizer, model_config: dict | None, gpu: dic
         _warn(warnings, "warning", "no_room", f"{lengths['rows_no_room']:,} training rows "
                                               f"({lengths['rows_no_room_fraction']:.0%}) have a prompt of max_seq_len "
                                               f"{spec.max_seq_len} tokens or more; they are skipped.")
+    _check_gpu_count(warnings, spec, gpu)
     if spec.method == "qlora" and gpu is None:
         _warn(warnings, "error", "qlora_needs_gpu", "QLoRA needs a CUDA GPU (bitsandbytes 4-bit kernels); "
                                                     "use method 'lora' on CPU.")
@@ -281,8 +328,10 @@ def _model_checks(result: dict, spec, config: dict, gpu: dict | None, lengths: d
         _warn(warnings, "warning", "seq_beyond_model", f"max_seq_len {spec.max_seq_len} is beyond the model's "
                                                        f"max_position_embeddings {max_pos}.")
     seq = spec.max_seq_len if spec.packing else max(1, min(spec.max_seq_len, lengths["max"]))
-    plain = estimate_vram(params, spec.method, spec.batch_size, seq, checkpointing=False)
-    checkpointed = estimate_vram(params, spec.method, spec.batch_size, seq, checkpointing=True)
+    liger = uses_liger(params["total"], gpu, spec)
+    terms = {"liger": liger, "lora_dropout": spec.lora_dropout}
+    plain = estimate_vram(params, spec.method, spec.batch_size, seq, checkpointing=False, **terms)
+    checkpointed = estimate_vram(params, spec.method, spec.batch_size, seq, checkpointing=True, **terms)
     vram, fits = plain, None
     if gpu is not None:
         budget = float(gpu.get("memory_gb") or 0) * FIT_SHARE
@@ -295,16 +344,20 @@ def _model_checks(result: dict, spec, config: dict, gpu: dict | None, lengths: d
                                                f"{gpu.get('memory_gb')} GiB. Use QLoRA, a smaller batch_size or a "
                                                "shorter max_seq_len.")
     tps = tokens_per_second(params["total"], spec.method, gpu, checkpointing=vram["gradient_checkpointing"])
+    tps *= parallel_speedup(schedule["gpus"]) * (LIGER_SPEED if liger else 1.0)
     kind, known = gpu_kind(gpu)
     seconds = schedule["total_tokens"] / tps
     result.update(params={k: params[k] for k in ("total", "trainable", "linear", "target_modules")} |
                   {"trainable_fraction": round(params["trainable"] / params["total"], 6), "method": spec.method},
-                  vram=vram | {"without_checkpointing_gb": plain["total_gb"],
+                  vram=vram | {"per_gpu": True, "without_checkpointing_gb": plain["total_gb"],
                                "with_checkpointing_gb": checkpointed["total_gb"]},
                   fits=fits, gradient_checkpointing=vram["gradient_checkpointing"],
                   time={"tokens_per_s": round(tps), "seconds": round(seconds), "gpu_kind": kind,
                         "basis": f"DESIGN §9 H200 LoRA baseline scaled by parameter count, × {kind} factor"
-                                 + ("" if known else " (unknown GPU, assumed A100-class)")})
+                                 + ("" if known else " (unknown GPU, assumed A100-class)")
+                                 + (", × 1.16 with Liger kernels" if liger else "")
+                                 + (f", × {parallel_speedup(schedule['gpus']):.2f} on {schedule['gpus']} GPUs"
+                                    if schedule["gpus"] > 1 else "")})
     if gpu is None and seconds > 3600:
         _warn(warnings, "warning", "slow_on_cpu", f"On CPU this takes about {seconds / 3600:,.0f} h; use a GPU.")
 
@@ -329,7 +382,9 @@ def user_gpu_advice(spec, config: dict | None, report: dict, user_gpu: dict | No
 
     def need(method: str) -> float:
         params = count_params(config, method, spec.lora_rank, spec.target_modules)
-        return min(estimate_vram(params, method, spec.batch_size, seq, checkpointing=c)["total_gb"] for c in (0, 1))
+        liger = uses_liger(params["total"], user_gpu, spec)
+        return min(estimate_vram(params, method, spec.batch_size, seq, checkpointing=c, liger=liger,
+                                 lora_dropout=spec.lora_dropout)["total_gb"] for c in (0, 1))
 
     try:
         needed = need(spec.method)

@@ -41,7 +41,19 @@ class FinetuneSpec(BaseModel):
     packing: bool = Field(False, description="Pack short rows into full-length sequences.")
     eval_fraction: float = Field(0.05, ge=0.0, le=0.5, description="Share of rows held out.")
     seed: int = Field(42, ge=0, le=2**31 - 1, description="Random seed.")
+    sample_rows: int | None = Field(
+        None, ge=10, le=1_000_000,
+        description="Trial run (\"try it on 500 rows first\"): train on a stratified sample of this many rows "
+                    "with a short schedule; the full run on all rows can follow with the same spec.",
+    )
     merge: bool = Field(False, description="Also save a merged model.")
+    gpus: int | None = Field(
+        None, ge=1, le=64,
+        description="GPUs to train on, data-parallel (default: every GPU the worker has); batch_size is per GPU.",
+    )
+    engine: Literal["auto", "transformers", "unsloth"] = Field(
+        "auto", description="Training engine: unsloth when installed on the worker (auto), or forced; falls back "
+                            "to stackwise's own transformers + peft path with a notice.")
 
     @field_validator("target_modules")
     @classmethod

@@ -19,6 +19,7 @@ from typing import Any
 
 from memory.jobs import Job, JobNotFound, JobStateError, JobStore, StoreError
 from tools.base import ToolContext, ToolError
+from tools.finetune.eval_text import evaluation_text
 from tools.finetune.rundir import RunPaths
 
 TEXT_LIMIT = 400          # characters of a comparison answer kept in the result
@@ -149,6 +150,7 @@ def job_status(job_id: str | None, ctx: ToolContext) -> dict:
         "history": [h.to_dict() for h in job.history], "artifacts": artifacts, "error": job.error,
         "summary": summary, "comparison": None, "run_dir": job.run_dir, "plot": None, "attachments": [],
         "preflight": {k: job.preflight.get(k) for k in ("rows", "vram", "time") if k in job.preflight},
+        "trial": job.spec.get("trial"),
     }
     if job.status == "succeeded":
         rows = _read_json(Path(artifacts.get("comparison") or RunPaths(run).comparison))
@@ -238,8 +240,9 @@ _ENDED = {"failed": ("失败了", "failed"), "cancelled": ("已取消", "was can
           "interrupted": ("被中断了", "was interrupted")}
 
 
-def status_text(r: dict, lang: str) -> str:
-    """The answer for a ``finetune_status`` result, in English or Chinese."""
+def status_text(r: dict, lang: str, *, announcing: bool = False) -> str:
+    """The answer for a ``finetune_status`` result, in English or Chinese (``announcing``: the end-of-job message
+    in the thread that launched it, where a bare "yes" takes up a trial's offer of the full run)."""
     zh, job, status, p = lang == "zh", r["job_id"], r["status"], r.get("progress")
     what = f"{r.get('method') or 'lora'} · {r.get('base_model')} · {r.get('dataset')}"
     if status == "queued":
@@ -256,6 +259,8 @@ def status_text(r: dict, lang: str) -> str:
         text = _succeeded(r, zh)
     else:
         text = _ended(r, zh)
+    text += trial_text(r, zh, announcing=announcing)
+    text += tracking_text(r, zh)
     if r.get("plot"):
         text += "\n损失曲线见附图。" if zh else "\nThe loss curve is attached."
     return text
@@ -284,6 +289,9 @@ def _succeeded(r: dict, zh: bool) -> str:
     if adapter:
         head += f"。适配器：{adapter}" if zh else f". Adapter: {adapter}"
     head += "。" if zh else "."
+    evaluation = evaluation_text(summary.get("evaluation"), zh)
+    if evaluation:
+        head += "\n" + evaluation
     c = r.get("comparison")
     if c:
         labels = ("问题", "参考答案", "微调前", "微调后") if zh else ("Question", "Reference", "Before", "After")
@@ -294,6 +302,34 @@ def _succeeded(r: dict, zh: bool) -> str:
     return head
 
 
+def tracking_text(r: dict, zh: bool) -> str:
+    """Where the job's curves are (``summary.json``'s ``tracking``, tools/finetune/tracking.py): TensorBoard,
+    W&B, MLflow, and trackers that could not run; while it runs, its TensorBoard folder. "" when there is none."""
+    summary = r.get("summary") if isinstance(r.get("summary"), dict) else {}
+    tracking = summary.get("tracking") if isinstance(summary.get("tracking"), dict) else {}
+    board = tracking.get("tensorboard")
+    live = Path(r.get("run_dir") or ".") / "tensorboard"
+    if not board and r.get("status") in ("running", "cancelling") and r.get("run_dir") and live.is_dir():
+        board = {"command": f"tensorboard --logdir {live}"}
+    lines = []
+    if isinstance(board, dict) and board.get("command"):
+        lines.append(f"TensorBoard: `{board['command']}`")
+    wandb = tracking.get("wandb")
+    if isinstance(wandb, dict) and wandb.get("url"):
+        lines.append(f"W&B: {wandb['url']}")
+    elif isinstance(wandb, dict):
+        lines.append(f"W&B（离线）：{wandb.get('dir')}，上传：`{wandb.get('sync')}`" if zh else
+                     f"W&B (offline): {wandb.get('dir')}; upload it with `{wandb.get('sync')}`")
+    mlflow = tracking.get("mlflow")
+    if isinstance(mlflow, dict):
+        lines.append(f"MLflow: {mlflow.get('url') or mlflow.get('uri')} (run {mlflow.get('run_id')})")
+    skipped = tracking.get("skipped") if isinstance(tracking.get("skipped"), dict) else {}
+    lines += [f"{name} 未记录：{why}" if zh else f"{name} not tracked: {why}" for name, why in skipped.items()]
+    if not lines:
+        return ""
+    return ("\n训练曲线：\n" if zh else "\nTracking:\n") + "\n".join(f"- {line}" for line in lines)
+
+
 def cancel_text(r: dict, lang: str) -> str:
     """The answer for a ``cancel_finetune`` result."""
     job, zh = r["job_id"], lang == "zh"
@@ -301,3 +337,24 @@ def cancel_text(r: dict, lang: str) -> str:
         return f"已取消 {job}（它还没有开始）。" if zh else f"Cancelled {job} (it had not started)."
     return (f"正在取消 {job}：worker 会先保存检查点再停止。用“{job} 的进度”查看。" if zh else
             f"Cancelling {job}: the worker saves a checkpoint and stops it. Ask \"status of {job}\" to check.")
+
+
+def trial_text(r: dict, zh: bool, *, announcing: bool = False) -> str:
+    """A trial run's line ("try it on 500 rows first"): it was one, on how many rows, and — once it succeeded —
+    how to launch the full run; empty for other jobs."""
+    trial = r.get("trial")
+    if not isinstance(trial, dict) or not trial.get("rows") or not trial.get("of"):
+        return ""
+    rows, of, status = int(trial["rows"]), int(trial["of"]), r.get("status")
+    if zh:
+        text = f"\n这是一次试跑：从 {of:,} 行中分层抽样 {rows:,} 行。"
+        if status == "succeeded":
+            text += ("说“跑完整的”" + ("（或回复“是”）" if announcing else "") +
+                     f"，就用同样的配置在全部 {of:,} 行上启动完整任务。")
+        return text
+    text = f"\nThis {'is' if status in ('queued', 'running', 'cancelling') else 'was'} a trial on {rows:,} of " \
+           f"{of:,} rows (a stratified sample)."
+    if status == "succeeded":
+        text += ' Say "run the full job"' + (' (or "yes")' if announcing else "") + \
+            f" to launch the same spec on all {of:,} rows."
+    return text

@@ -20,6 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tools.finetune.distributed import finish, peer_failure, ranks, record_failure
+from tools.finetune.evaluate import HeldOutEvaluation
+from tools.finetune.tracking import TrackingCallback
 from tools.finetune.train_config import apply_schedule, lora_config, sft_config
 from tools.finetune.train_progress import CancelFlag, ProgressCallback, gpu_mem_gb, run_logging
 from tools.finetune.train_report import (
@@ -112,6 +115,7 @@ def _check_cancel(cancel: CancelFlag) -> None:
 
 
 def _train(paths: RunPaths, resume: bool, cancel: CancelFlag, facts: _Facts) -> Outcome:
+    me = ranks()
     job = load_job(paths)
     spec = job.spec
     device = detect_device()
@@ -120,7 +124,8 @@ def _train(paths: RunPaths, resume: bool, cancel: CancelFlag, facts: _Facts) -> 
     if resume and checkpoint is None:
         log.info("no checkpoint to resume from in %s: starting from the beginning", paths.checkpoints)
     if checkpoint is None:
-        _fresh_start(paths)
+        if me.main:
+            _fresh_start(paths)
     else:
         facts.earlier_seconds = previous_train_seconds(paths.summary)
         log.info("resuming from %s", checkpoint)
@@ -150,16 +155,21 @@ def _train(paths: RunPaths, resume: bool, cancel: CancelFlag, facts: _Facts) -> 
     before = None
     if spec.method == "full":  # no adapter to switch off afterwards: answer with the base weights now
         before = generate(model, tokenizer, [r["prompt"] for r in shown])
+    held_out = HeldOutEvaluation.for_job(job, stop=lambda: cancel.is_set)   # loss, <think> format, exact match
+    if spec.method == "full" and me.main:    # its "before" is the base weights: measure them now
+        held_out.measure_base(model, tokenizer)
 
-    progress = ProgressCallback(paths.progress, cancel)
+    progress = ProgressCallback(paths.progress if me.main else None, cancel, sync=me.distributed)
+    tracking = TrackingCallback(paths.root, job)     # TensorBoard always; W&B, MLflow when configured
+    facts.fields["tracking"] = tracking.links        # summary.json links the runs (filled in as they start)
     trainer = SFTTrainer(
         model=model,
         args=sft_config(job, device, paths.checkpoints, has_eval=bool(job.eval_rows)),
         train_dataset=dataset(job.train_rows),
         eval_dataset=dataset(job.eval_rows) if job.eval_rows else None,
         processing_class=tokenizer,
-        peft_config=lora_config(spec),
-        callbacks=[progress],
+        peft_config=None if job.engine is not None and job.engine.used == "unsloth" else lora_config(spec),
+        callbacks=[progress, tracking],
     )
     trainer.remove_callback(PrinterCallback)  # progress.jsonl and train.log replace the printed dicts
     facts.trainer, facts.progress = trainer, progress
@@ -173,6 +183,8 @@ def _train(paths: RunPaths, resume: bool, cancel: CancelFlag, facts: _Facts) -> 
     model = trainer.accelerator.unwrap_model(trainer.model)
     trainable, total = count_params(model)
     facts.fields.update(total_steps=schedule.total, trainable_params=trainable, total_params=total,
+                        gpus=me.world_size, global_batch=spec.batch_size * spec.grad_accum * me.world_size,
+                        engine=job.engine.to_dict() if job.engine is not None else None,
                         speed=job.speed.to_dict() if hasattr(job.speed, "to_dict") else None)
     log.info("training %d steps on %d rows (%d held out); %d of %d parameters trainable; "
              "log every %d, checkpoint every %d", schedule.total, len(job.train_rows), len(job.eval_rows),
@@ -181,6 +193,9 @@ def _train(paths: RunPaths, resume: bool, cancel: CancelFlag, facts: _Facts) -> 
     trainer.train(resume_from_checkpoint=checkpoint)
     if progress.cancelled:
         raise _Cancelled
+    finish()   # the ranks part here: saving, comparing and reporting are rank 0's alone
+    if not me.main:
+        return Outcome(EXIT_OK, {})
     _check_cancel(cancel)
 
     artifacts: dict[str, str | None] = {"adapter": str(paths.adapter), "merged": None,
@@ -191,6 +206,8 @@ def _train(paths: RunPaths, resume: bool, cancel: CancelFlag, facts: _Facts) -> 
     if before is None:
         before = generate(model, tokenizer, prompts, adapter_off=True)
     write_comparison(paths.comparison, shown, before, generate(model, tokenizer, prompts))
+    if job.evaluate:
+        facts.fields["evaluation"] = held_out.result(model, tokenizer)   # never raises: a failure is a note
     _check_cancel(cancel)
     if spec.merge and spec.method == "full":
         log.info("merge: full fine-tuning already saved the whole model in %s", paths.adapter)
@@ -208,7 +225,19 @@ def _train(paths: RunPaths, resume: bool, cancel: CancelFlag, facts: _Facts) -> 
     return Outcome(EXIT_OK, result, model=model, tokenizer=tokenizer)
 
 
-def _end(paths: RunPaths, status: str, code: int, facts: _Facts, error: str | None = None) -> Outcome:
+def _end(paths: RunPaths, status: str, code: int, facts: _Facts, error: str | None = None, *,
+         peer_first: bool = False) -> Outcome:
+    """Write the summary that ends the run (rank 0 only; another rank records a failure for rank 0 to report).
+    ``peer_first``: a failure another rank recorded explains this end better (a stop or a broken collective
+    that followed it)."""
+    me = ranks()
+    if not me.main:
+        if status == "failed":
+            record_failure(paths.root, me.rank, error or "failed")
+        return Outcome(code, summary(status, error=error))
+    peer = peer_failure(paths.root) if me.distributed and (peer_first or status == "cancelled") else None
+    if peer is not None:
+        status, code, error = "failed", EXIT_FAILED, f"a training process on another GPU failed: {peer}"
     result = summary(status, error=error, **facts.collect())
     try:
         write_json(paths.summary, result)
@@ -226,7 +255,9 @@ def run(run_dir: str | Path, *, resume: bool = False, cancel: CancelFlag | None 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cancel = cancel or CancelFlag()
     facts = _Facts()
-    with run_logging(paths.log):
+    me = ranks()
+    log_path = paths.log if me.main else paths.root / f"train.rank{me.rank}.log"
+    with run_logging(log_path, "train" if me.main else f"train[rank {me.rank}]"):
         try:
             return _train(paths, resume, cancel, facts)
         except KeyboardInterrupt:  # a second Ctrl-C: stop now, without a new checkpoint
@@ -246,9 +277,9 @@ def run(run_dir: str | Path, *, resume: bool = False, cancel: CancelFlag | None 
                 log.error("failed: %s", message)
                 return _end(paths, "failed", EXIT_FAILED, facts, message)
             logging.getLogger("stackwise.traceback").error("unexpected error", exc_info=exc)
-            message = f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]} (see {paths.log})"
+            message = f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]} (see {log_path})"
             log.error("failed: %s", message)
-            return _end(paths, "failed", EXIT_FAILED, facts, message)
+            return _end(paths, "failed", EXIT_FAILED, facts, message, peer_first=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,8 +11,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from tools.finetune.distributed import ranks
 from tools.finetune.spec import FinetuneSpec
-from tools.finetune.train_setup import Device, Job
+from tools.finetune.train_setup import Device, Job, TrainError
 
 MAX_LOG_LINES = 50  # aim for about this many progress lines per run
 SAVE_FRACTION = 0.1  # checkpoint every ~10 % of the run ...
@@ -73,11 +74,32 @@ def sft_config(job: Job, device: Device, output_dir: Path, *, has_eval: bool):
         eval_steps=1 if has_eval else None,
         prediction_loss_only=True,
         include_num_input_tokens_seen="non_padding",
+        # The trackers' integrations are held by tools/finetune/tracking.py (a failing tracker is dropped there
+        # instead of failing the job), so the Trainer builds none itself; the run is named after the job.
         report_to="none",
+        run_name=job.job_id,
         disable_tqdm=True,
         dataloader_num_workers=0,
         **_speed_args(job, device),
+        **_parallel_args(SFTConfig, job),
     )
+
+
+def _parallel_args(config_cls, job: Job) -> dict:
+    """Data-parallel settings (every trainable parameter gets a gradient each step, so DDP need not search for
+    unused ones) and the sampling order (``sequential`` keeps the rows in file order: the same global batches
+    on one GPU and on several — how the multi-GPU loss is checked against one GPU)."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    args: dict = {}
+    if ranks().distributed:
+        args["ddp_find_unused_parameters"] = False
+    if job.sampling == "sequential":
+        if "train_sampling_strategy" not in names:
+            raise TrainError("sequential sampling needs transformers >= 5.10 (train_sampling_strategy)")
+        args["train_sampling_strategy"] = "sequential"
+    return args
 
 
 def _speed_args(job: Job, device: Device) -> dict:
@@ -102,9 +124,10 @@ class Schedule:
 
 
 def plan_schedule(train_len: int, *, batch_size: int, grad_accum: int, epochs: float,
-                  max_steps: int | None) -> Schedule:
-    """Mirror ``Trainer``'s step count (one process) and derive ~50 log lines and ~10 checkpoints."""
-    batches = max(math.ceil(train_len / batch_size), 1)
+                  max_steps: int | None, world_size: int = 1) -> Schedule:
+    """Mirror ``Trainer``'s step count (``world_size`` data-parallel processes split each global batch) and derive
+    ~50 log lines and ~10 checkpoints."""
+    batches = max(math.ceil(math.ceil(train_len / batch_size) / max(world_size, 1)), 1)
     per_epoch = max(math.ceil(batches / grad_accum), 1)
     total = max_steps if max_steps else max(math.ceil(epochs * per_epoch), 1)
     logging_steps = max(math.ceil(total / MAX_LOG_LINES), 1)
@@ -118,7 +141,7 @@ def apply_schedule(trainer, job: Job) -> Schedule:
     spec = job.spec
     schedule = plan_schedule(
         len(trainer.train_dataset), batch_size=spec.batch_size, grad_accum=spec.grad_accum,
-        epochs=spec.epochs, max_steps=spec.max_steps,
+        epochs=spec.epochs, max_steps=spec.max_steps, world_size=ranks().world_size,
     )
     args = trainer.args
     args.logging_steps = schedule.logging_steps

@@ -86,9 +86,12 @@ def _num(value: Any, digits: int = 6) -> float | None:
 class ProgressCallback(TrainerCallback):
     """Writes ``progress.jsonl``, forces a last log/eval at the final step, and handles cancellation."""
 
-    def __init__(self, path: Path, cancel: CancelFlag) -> None:
+    def __init__(self, path: Path | None, cancel: CancelFlag, *, sync: bool = False) -> None:
+        """``path``: where to append progress lines (None on the ranks other than 0 of a multi-GPU run);
+        ``sync``: agree on cancellation with the other ranks at every step end (all of them stop together)."""
         self.path = path
         self.cancel = cancel
+        self.sync = sync
         self.cancelled = False
         self.last_loss: float | None = None
         self.last_eval_loss: float | None = None
@@ -106,7 +109,12 @@ class ProgressCallback(TrainerCallback):
         self._tokens0 = self._tokens_prev = int(state.num_input_tokens_seen or 0)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.cancel.is_set and not self.cancelled:
+        stop = self.cancel.is_set
+        if self.sync:
+            from tools.finetune.distributed import any_rank
+
+            stop = any_rank(stop)
+        if stop and not self.cancelled:
             self.cancelled = True
             control.should_save = True
             control.should_training_stop = True
@@ -177,6 +185,8 @@ class ProgressCallback(TrainerCallback):
             self._write(line)
 
     def _write(self, line: dict[str, Any]) -> None:
+        if self.path is None:
+            return
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(line) + "\n")
             fh.flush()
@@ -190,7 +200,7 @@ class _NoTraceback(logging.Filter):
 
 
 @contextmanager
-def run_logging(log_path: Path):
+def run_logging(log_path: Path, prefix: str = "train"):
     """``log_path`` (``RUN/train.log``) gets everything, libraries and warnings too; stderr gets the
     ``stackwise.finetune`` logger's short lines, never a traceback. Restores the global logging set-up after."""
     import datasets
@@ -200,7 +210,7 @@ def run_logging(log_path: Path):
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     file_handler.setLevel(logging.INFO)
     err_handler = logging.StreamHandler(sys.stderr)
-    err_handler.setFormatter(logging.Formatter("train: %(message)s"))
+    err_handler.setFormatter(logging.Formatter(prefix + ": %(message)s"))
     err_handler.addFilter(_NoTraceback())
     root = logging.getLogger()
     saved = (root.level, log.level, transformers.logging.get_verbosity(), datasets.logging.get_verbosity())

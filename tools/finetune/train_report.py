@@ -108,6 +108,11 @@ def summary(status: str, *, error: str | None = None, **fields: Any) -> dict[str
         "trainable_params": None,
         "total_params": None,
         "speed": None,          # the speed-ups used: {"liger", "fused_adamw", "applied", "skipped"}
+        "engine": None,         # {"requested", "used", "notice"}: transformers (ours) or unsloth
+        "gpus": None,           # data-parallel processes (one per GPU; 1 on CPU)
+        "global_batch": None,   # rows per optimizer step over all GPUs: batch_size × grad_accum × gpus
+        "evaluation": None,     # held-out loss, <think> format, exact match before/after (tools/finetune/evaluate.py)
+        "tracking": None,       # TensorBoard / W&B / MLflow runs of this job (tools/finetune/tracking.py)
         "error": error,
         "artifacts": {"adapter": None, "merged": None, "comparison": None},
     }

@@ -11,18 +11,22 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
+from tools.finetune.distributed import is_main_process, ranks  # noqa: F401  (is_main_process: re-exported)
 from tools.finetune.rundir import RunPaths
 from tools.finetune.spec import FinetuneSpec
 
 # Keys ``spec.json`` may hold besides the ``FinetuneSpec`` fields (see the contract).
-RUN_KEYS = ("base_model_path", "job_id", "gradient_checkpointing", "preflight", "speed")
+RUN_KEYS = ("base_model_path", "base_model_source", "job_id", "gradient_checkpointing", "preflight", "speed",
+            "sampling", "trial", "evaluate")
 ROW_KEYS = ("prompt", "completion")
+log = logging.getLogger("stackwise.finetune")
 
 
 class TrainError(Exception):
@@ -40,6 +44,9 @@ class Job:
     train_rows: list[dict[str, str]]
     eval_rows: list[dict[str, str]] = field(default_factory=list)
     speed: Any = None          # tools.finetune.speed.Speedups once chosen; spec.json's "speed" options until then
+    sampling: str = "random"   # "sequential": rows in file order (a reproducible global batch on any GPU count)
+    engine: Any = None         # tools.finetune.engines.EngineChoice once the model is loaded
+    evaluate: bool = True      # the held-out evaluation after training (spec.json "evaluate": false skips it)
 
 
 def _one_line(text: str) -> str:
@@ -68,13 +75,26 @@ def load_spec(paths: RunPaths) -> tuple[FinetuneSpec, dict[str, Any]]:
 
 
 def _base_model_path(extras: dict[str, Any]) -> Path:
-    value = extras.get("base_model_path")
-    if not isinstance(value, str) or not value.strip():
+    """The base model's folder on this machine: ``base_model_path`` when it is here, else the model that
+    ``base_model_source`` names (a hub or ModelScope id), from this machine's cache or downloaded into it."""
+    value, origin = extras.get("base_model_path"), extras.get("base_model_source")
+    path = Path(value).expanduser() if isinstance(value, str) and value.strip() else None
+    if path is not None and (path / "config.json").is_file():
+        return path
+    if origin is not None:
+        if not isinstance(origin, dict) or not all(isinstance(origin.get(k), str) for k in ("source", "ref")):
+            raise TrainError('spec.json base_model_source must be {"source": …, "ref": …}')
+        if origin["source"] != "local":
+            from tools.base import ToolError
+            from tools.finetune.sources import fetch_model
+
+            try:
+                return fetch_model(origin["source"], origin["ref"])
+            except ToolError as exc:
+                raise TrainError(_one_line(exc.message)) from None
+    if path is None:
         raise TrainError("spec.json has no base_model_path (a local model directory)")
-    path = Path(value).expanduser()
-    if not (path / "config.json").is_file():
-        raise TrainError(f"base model not found: {path} has no config.json")
-    return path
+    raise TrainError(f"base model not found: {path} has no config.json")
 
 
 def _wants_checkpointing(extras: dict[str, Any]) -> bool:
@@ -137,7 +157,16 @@ def load_job(paths: RunPaths) -> Job:
         train_rows=read_rows(paths.train_data, required=True),
         eval_rows=read_rows(paths.eval_data, required=False),
         speed=speed,
+        sampling=_sampling(extras),
+        evaluate=extras.get("evaluate", True) is not False,
     )
+
+
+def _sampling(extras: dict[str, Any]) -> str:
+    value = extras.get("sampling", "random")
+    if value not in ("random", "sequential"):
+        raise TrainError(f"spec.json sampling must be 'random' or 'sequential', not {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -164,6 +193,8 @@ def detect_device() -> Device:
     import torch
 
     cuda = torch.cuda.is_available()
+    if cuda and ranks().distributed:
+        torch.cuda.set_device(ranks().local_rank)   # one GPU per rank: everything below lands on "cuda" = this one
     return Device(cuda=cuda, bf16=bool(cuda and torch.cuda.is_bf16_supported()))
 
 
@@ -201,6 +232,33 @@ def _choose_speedups(job: Job, device: Device) -> None:
     job.speed = speed
 
 
+def _choose_engine(job: Job, device: Device):
+    from tools.finetune.engines import choose_engine
+
+    try:
+        model_type = json.loads((job.base_model_path / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        model_type = None
+    job.engine = choose_engine(job.spec.engine, cuda=device.cuda, processes=ranks().world_size,
+                               model_type=model_type)
+    if job.engine.notice:
+        log.warning("engine: %s", job.engine.notice)
+    return job.engine
+
+
+def _load_unsloth(job: Job, device: Device):
+    from tools.finetune.engines import load_unsloth
+
+    if job.speed.liger:     # unsloth brings its own fused kernels
+        job.speed.liger, job.speed.skipped["liger"] = False, "unsloth has its own kernels"
+        job.speed.applied = [a for a in job.speed.applied if a != "liger"]
+    try:
+        return load_unsloth(job, device, max_seq_len=job.spec.max_seq_len)
+    except (OSError, ValueError, KeyError, NotImplementedError, RuntimeError) as exc:
+        raise TrainError(f"unsloth could not load {job.base_model_path}: {_one_line(exc)} — set engine "
+                         "'transformers' to train with stackwise's own path") from None
+
+
 def load_model(job: Job, device: Device):
     """Load the tokenizer and the base model (SDPA attention; 4-bit NF4 for QLoRA)."""
     import torch
@@ -208,6 +266,8 @@ def load_model(job: Job, device: Device):
 
     kwargs: dict[str, Any] = {"dtype": device.dtype, "attn_implementation": "sdpa"}
     _choose_speedups(job, device)
+    if _choose_engine(job, device).used == "unsloth":
+        return _load_unsloth(job, device)
     if job.spec.method == "qlora":
         from transformers import BitsAndBytesConfig
 
@@ -218,7 +278,7 @@ def load_model(job: Job, device: Device):
             bnb_4bit_compute_dtype=torch.bfloat16 if device.bf16 else torch.float16,
         )
         kwargs["dtype"] = torch.bfloat16 if device.bf16 else torch.float16
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
+        kwargs["device_map"] = {"": torch.cuda.current_device()}   # this rank's GPU (set by detect_device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(job.base_model_path)
         model = AutoModelForCausalLM.from_pretrained(job.base_model_path, **kwargs)
@@ -229,5 +289,6 @@ def load_model(job: Job, device: Device):
     if job.spec.method == "full":
         model.requires_grad_(True)
     if device.cuda and job.spec.method != "qlora":
-        model.to("cuda")  # the trainer would move it anyway; the "before" answers of a full run need it there now
+        # the trainer would move it anyway; the "before" answers of a full run need it there now
+        model.to(torch.cuda.current_device())
     return model, tokenizer

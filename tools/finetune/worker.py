@@ -39,6 +39,7 @@ from tools.finetune.backends import (
     make_backend,
     tail_lines,
 )
+from tools.finetune.distributed import peer_failure
 from tools.finetune.rundir import RunPaths
 
 log = logging.getLogger("stackwise.worker")
@@ -250,6 +251,8 @@ class Worker:
             return "interrupted", f"lost contact with the {self.backend.name} backend: {watch.lost_backend}"
         elif watch.cancel or watch.shutdown:
             status, error = "cancelled", None
+        elif (peer := peer_failure(Path(job.run_dir))) is not None:
+            return "failed", f"a training process failed without a summary: {peer}"
         else:
             log_path = RunPaths(Path(job.run_dir)).worker_log
             tail = "\n".join(tail_lines(log_path, ERROR_LINES))[-ERROR_CHARS:]

@@ -1,0 +1,52 @@
+"""The preflight's VRAM and speed estimates against what the H200 runs measured (evals/gpu/README.md)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tools.finetune.preflight import count_params, estimate_vram, preflight
+from tools.finetune.spec import FinetuneSpec
+
+QWEN_7B = {"model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+           "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064, "tie_word_embeddings": False,
+           "max_position_embeddings": 131072}
+QWEN_05B = {"model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+            "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True,
+            "max_position_embeddings": 32768}
+H200 = {"name": "NVIDIA H200", "memory_gb": 139}
+
+
+@pytest.mark.parametrize(("config", "method", "liger", "dropout", "measured_gb"), [
+    (QWEN_7B, "lora", True, 0.05, 65.1),   # through the worker, Liger on (the default from 3B parameters)
+    (QWEN_7B, "lora", True, 0.0, 56.05),   # the data-parallel check's runs: no LoRA dropout (1 and 2 H200s)
+    (QWEN_7B, "qlora", True, 0.05, 54.6),
+    (QWEN_7B, "lora", False, 0.05, 76.27),  # the same job before Liger
+    (QWEN_7B, "qlora", False, 0.05, 65.85),
+    (QWEN_05B, "lora", False, 0.05, 14.60),  # below 3B parameters Liger stays off (it is slower there)
+])
+def test_vram_estimates_are_within_15_percent_of_the_measured_peaks(config, method, liger, dropout, measured_gb):
+    params = count_params(config, method, 16, None)
+    estimate = estimate_vram(params, method, 4, 2048, checkpointing=False, liger=liger,
+                             lora_dropout=dropout)["total_gb"]
+    assert abs(estimate - measured_gb) / measured_gb <= 0.15
+
+
+def test_the_preflight_assumes_liger_exactly_where_the_worker_uses_it():
+    rows = {"train": [{"prompt": "x" * 4000, "completion": "y" * 8000}] * 40, "eval": []}
+
+    def report(config, gpu, **fields):
+        spec = FinetuneSpec(base_model="m", dataset="d.jsonl", batch_size=4, max_seq_len=2048, **fields)
+        return preflight(spec, rows, None, config, gpu)
+
+    big = report(QWEN_7B, H200)
+    assert big["vram"]["liger"] and "Liger" in big["time"]["basis"]
+    assert big["time"]["tokens_per_s"] == pytest.approx(9_900 * 1.16, rel=0.02)   # 12.7k measured: within 10 %
+    assert not report(QWEN_05B, H200)["vram"]["liger"]
+    assert not report(QWEN_7B, None)["vram"]["liger"]                                 # no GPU, no Liger
+    assert not report(QWEN_7B, H200, engine="unsloth")["vram"]["liger"]
+
+
+def test_the_per_gpu_estimate_of_a_two_gpu_run_at_batch_2():
+    params = count_params(QWEN_7B, "lora", 16, None)
+    estimate = estimate_vram(params, "lora", 2, 2048, checkpointing=False, liger=True, lora_dropout=0.0)["total_gb"]
+    assert abs(estimate - 35.59) / 35.59 <= 0.15       # each of 2 H200s, 2 × 2048 per GPU (evals/gpu/README.md)
