@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+from shapes import QWEN_05B, QWEN_7B
 
 from tools.base import ToolError
 from tools.finetune import data as ftdata
@@ -22,12 +23,6 @@ from tools.finetune.tiny import CHAT_TEMPLATE, build_tiny_model
 
 FIXTURE = Path(__file__).parent / "fixtures" / "finetune" / "medical_cot.jsonl"
 COT_ROWS = [json.loads(line) for line in FIXTURE.read_text(encoding="utf-8").splitlines()]
-QWEN_7B = {"model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
-           "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064, "tie_word_embeddings": False,
-           "max_position_embeddings": 131072}
-QWEN_05B = {"model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
-            "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True,
-            "max_position_embeddings": 32768}
 
 
 @pytest.fixture(scope="module")

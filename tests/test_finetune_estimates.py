@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from shapes import QWEN_05B, QWEN_7B
 
 from tools.finetune.preflight import count_params, estimate_vram, preflight
 from tools.finetune.spec import FinetuneSpec
 
-QWEN_7B = {"model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
-           "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064, "tie_word_embeddings": False,
-           "max_position_embeddings": 131072}
-QWEN_05B = {"model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
-            "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True,
-            "max_position_embeddings": 32768}
 H200 = {"name": "NVIDIA H200", "memory_gb": 139}
 
 

@@ -9,6 +9,7 @@ the GPUs it sees.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from shapes import QWEN_7B
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("trl")
@@ -28,6 +30,7 @@ from tools.finetune.backends import BackendError, LocalBackend, project_pythonpa
 from tools.finetune.distributed import (  # noqa: E402
     Ranks,
     devices_for,
+    launcher_env,
     peer_failure,
     processes_for,
     ranks,
@@ -73,14 +76,37 @@ def write_run(run_dir: Path, model: Path, *, rows: int = 32, **spec) -> Path:
     return run_dir
 
 
-def env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": project_pythonpath(), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-            "PYTHONUNBUFFERED": "1"}
+def env(processes: int = 2) -> dict[str, str]:
+    """The worker's environment for the trainer (launcher settings included), on CPU."""
+    return {**os.environ, **launcher_env(processes), "PYTHONPATH": project_pythonpath(), "OMP_NUM_THREADS": "1",
+            "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
 
 
-def train(run_dir: Path, processes: int, *, resume: bool = False, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run(train_argv(sys.executable, run_dir, processes=processes, resume=resume), cwd=run_dir,
-                          env=env(), capture_output=True, text=True, timeout=timeout)
+def logs_of(run_dir: Path) -> str:
+    """The ends of every rank's log, for a failure message."""
+    return "\n".join(f"== {p.name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-15:])
+                     for p in sorted(run_dir.glob("train*.log")))
+
+
+def train(run_dir: Path, processes: int, *, resume: bool = False, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the trainer (through the launcher for several processes). A run that hangs fails the test with every
+    rank's Python stack (SIGABRT + faulthandler) and the ends of their logs."""
+    argv = train_argv(sys.executable, run_dir, processes=processes, resume=resume)
+    proc = subprocess.Popen(argv, cwd=run_dir, env={**env(processes), "PYTHONFAULTHANDLER": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        import psutil
+
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                child.send_signal(signal.SIGABRT)
+        time.sleep(3)
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"training did not end in {timeout:.0f} s\n{err[-6000:]}\n{logs_of(run_dir)}")
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
 def progress(run_dir: Path) -> list[dict]:
@@ -136,7 +162,7 @@ def test_a_stop_reaches_every_rank_which_save_one_checkpoint_that_two_processes_
     output = tmp_path / "launcher.out"
     with output.open("wb") as out:
         launcher = subprocess.Popen(train_argv(sys.executable, run_dir, processes=2, resume=False), cwd=run_dir,
-                                    env=env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                                    env=env(2), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         while len(progress(run_dir)) < 2:
@@ -241,9 +267,6 @@ def test_a_local_backend_with_fewer_gpus_than_asked_says_so(tiny, tmp_path):
         LocalBackend(env={"CUDA_VISIBLE_DEVICES": ""}).start(job)
 
 
-QWEN_7B = {"model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
-           "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064, "tie_word_embeddings": False,
-           "max_position_embeddings": 131072}
 
 
 def test_the_preflight_counts_global_batches_per_gpu_memory_and_the_gpus_there_are():
@@ -272,3 +295,49 @@ def test_the_preflight_counts_global_batches_per_gpu_memory_and_the_gpus_there_a
     assert any(w["code"] == "not_enough_gpus" and "worker has 2 GPUs" in w["message"] for w in too_many["warnings"])
     on_cpu = check(None, gpus=2)
     assert any(w["code"] == "not_enough_gpus" and "has no GPU" in w["message"] for w in on_cpu["warnings"])
+
+
+def test_a_full_fine_tune_too_big_for_one_gpu_is_sharded_over_the_gpus():
+    from tools.finetune.preflight import preflight
+    from tools.finetune.spec import FinetuneSpec
+
+    rows = {"train": [{"prompt": "x" * 4000, "completion": "y" * 8000}] * 100, "eval": []}   # full 2048 tokens
+
+    def check(gpu, **fields):
+        spec = FinetuneSpec(base_model="m", dataset="d.jsonl", method="full", learning_rate=1e-5, batch_size=4,
+                            max_seq_len=2048, **fields)
+        return preflight(spec, rows, None, QWEN_7B, gpu)
+
+    one = check({"name": "NVIDIA H200", "memory_gb": 139, "count": 1})
+    assert not one["fits"] and not one["fsdp"]                 # 7B full: ~122 GiB of fp32 states + weights
+    two = check({"name": "NVIDIA H200", "memory_gb": 139, "count": 2})
+    assert two["fits"] and two["fsdp"] and two["vram"]["fsdp_shards"] == 2
+    assert two["vram"]["total_gb"] < 0.95 * 139 < one["vram"]["total_gb"]
+    assert any(w["code"] == "fsdp" for w in two["warnings"])
+    small = preflight(FinetuneSpec(base_model="m", dataset="d.jsonl", batch_size=4, max_seq_len=2048), rows, None,
+                      QWEN_7B, {"name": "NVIDIA H200", "memory_gb": 139, "count": 2})
+    assert small["fits"] and not small["fsdp"]                  # LoRA fits one GPU: DDP
+
+
+def test_a_sharded_full_run_saves_the_gathered_model_and_rank_0_reports_with_it(tiny, tmp_path):
+    """On CPU accelerate runs FSDP as plain DDP (it shards only on GPUs), so this checks stackwise's side of a
+    sharded run — every rank takes part in saving the whole model, rank 0 reads it back for the comparison and the
+    evaluation — against one process."""
+    one = write_run(tmp_path / "one", tiny, method="full", learning_rate=1e-3, batch_size=4, max_steps=4)
+    two = write_run(tmp_path / "two", tiny, method="full", learning_rate=1e-3, batch_size=2, max_steps=4)
+    spec = json.loads((two / "spec.json").read_text())
+    (two / "spec.json").write_text(json.dumps({**spec, "fsdp": True}))
+    assert train(one, 1).returncode == 0
+    done = train(two, 2)
+    assert done.returncode == 0, done.stderr[-2000:]
+    a, b = summary(one), summary(two)
+    assert b["status"] == "succeeded" and b["gpus"] == 2
+    assert a["final_loss"] == pytest.approx(b["final_loss"], rel=1e-4)
+    assert a["evaluation"]["after"]["loss"] == pytest.approx(b["evaluation"]["after"]["loss"], rel=1e-4)
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(one / "adapter" / "model.safetensors"), load_file(two / "adapter" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= 1e-4
+    assert (two / "adapter" / "tokenizer_config.json").is_file()
+    assert json.loads((two / "comparison.json").read_text())

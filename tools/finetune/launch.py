@@ -213,6 +213,8 @@ def queue_job(spec: FinetuneSpec, ctx: ToolContext) -> dict:
         run_spec = spec.model_dump() | {"base_model_path": str(checked.model.path),
                                         "base_model_source": checked.model.record(),
                                         "gradient_checkpointing": bool(checked.report["gradient_checkpointing"])}
+        if checked.report.get("fsdp"):       # a full fine-tune too big for one GPU: shard it over the job's GPUs
+            run_spec["fsdp"] = True
         run_spec |= checked.spec.model_dump() | spec_fields(checked.report.get("trial"))   # a trial's sample, schedule
         with open_jobs(ctx) as jobs, _queue_lock:
             job_id, run_dir = _place(jobs, staging, owner_dir, run_spec)

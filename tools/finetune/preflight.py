@@ -117,12 +117,13 @@ def count_params(config: dict, method: str, rank: int, targets: list[str] | None
 
 
 def estimate_vram(params: dict, method: str, batch: int, seq: int, *, checkpointing: bool,
-                  liger: bool = False, lora_dropout: float = 0.05) -> dict:
+                  liger: bool = False, lora_dropout: float = 0.05, shards: int = 1) -> dict:
     """The VRAM terms of the module docstring, in GiB (``liger``: the fused kernels the worker uses from
     ``LIGER_MIN_PARAMS`` parameters on a GPU — no logits, fewer activations)."""
     weights = (NF4_BYTES * params["linear"] + 2 * (params["total"] - params["linear"]) if method == "qlora"
                else 2 * params["total"])
     trainable = 16 * params["trainable"]
+    weights, trainable = weights / shards, trainable / shards    # FSDP: each GPU keeps 1/shards of both
     dropout = K_LORA_DROPOUT if method != "full" and lora_dropout > 0 else 0
     k = K_ACT_CHECKPOINTED if checkpointing else (K_ACT_LIGER if liger else K_ACT_BF16) + dropout
     j = 0 if liger else K_LOGITS_CHECKPOINTED if checkpointing else K_LOGITS
@@ -130,7 +131,8 @@ def estimate_vram(params: dict, method: str, batch: int, seq: int, *, checkpoint
     terms = {"weights_gb": weights / GIB, "trainable_states_gb": trainable / GIB, "activations_gb": acts / GIB,
              "overhead_gb": OVERHEAD_GIB}
     return {**{k: round(v, 3) for k, v in terms.items()}, "total_gb": round(sum(terms.values()), 2),
-            "gradient_checkpointing": checkpointing, "liger": liger, "k_activation_bytes": k, "seq": seq,
+            "gradient_checkpointing": checkpointing, "liger": liger, "fsdp_shards": shards, "k_activation_bytes": k,
+            "seq": seq,
             "batch": batch}
 
 
@@ -309,7 +311,8 @@ def preflight(spec, rows_or_path, tokenizer, model_config: dict | None, gpu: dic
     result = {"rows": {"train": n_train, "eval": n_eval, "total": n_train + n_eval}, "format": data.format,
               "container": data.container, "tokens": lengths, "max_seq_len": spec.max_seq_len,
               "rows_cut": lengths["rows_cut"], "training": schedule, "params": None, "vram": None,
-              "time": None, "gpu": gpu, "fits": None, "gradient_checkpointing": False, "warnings": warnings}
+              "time": None, "gpu": gpu, "fits": None, "gradient_checkpointing": False, "fsdp": False,
+              "warnings": warnings}
     if model_config:
         _model_checks(result, spec, model_config, gpu, lengths, schedule, warnings)
     result["ok"] = not any(w["level"] == "error" for w in warnings)
@@ -336,6 +339,15 @@ def _model_checks(result: dict, spec, config: dict, gpu: dict | None, lengths: d
     if gpu is not None:
         budget = float(gpu.get("memory_gb") or 0) * FIT_SHARE
         fits = plain["total_gb"] <= budget or checkpointed["total_gb"] <= budget
+        if not fits and spec.method == "full" and schedule["gpus"] > 1:   # shard it (FSDP) over the GPUs
+            terms["shards"] = schedule["gpus"]
+            plain = estimate_vram(params, spec.method, spec.batch_size, seq, checkpointing=False, **terms)
+            checkpointed = estimate_vram(params, spec.method, spec.batch_size, seq, checkpointing=True, **terms)
+            fits = plain["total_gb"] <= budget or checkpointed["total_gb"] <= budget
+            vram, result["fsdp"] = plain, fits
+            if fits:
+                _warn(warnings, "info", "fsdp", f"One GPU cannot hold this full fine-tune, so its weights, gradients "
+                                                f"and optimizer state are sharded over {schedule['gpus']} GPUs (FSDP).")
         if plain["total_gb"] > budget and fits:
             vram = checkpointed
         if not fits:

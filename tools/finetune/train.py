@@ -23,7 +23,7 @@ from typing import Any
 from tools.finetune.distributed import finish, peer_failure, ranks, record_failure
 from tools.finetune.evaluate import HeldOutEvaluation
 from tools.finetune.tracking import TrackingCallback
-from tools.finetune.train_config import apply_schedule, lora_config, sft_config
+from tools.finetune.train_config import apply_schedule, fsdp_on, lora_config, sft_config
 from tools.finetune.train_progress import CancelFlag, ProgressCallback, gpu_mem_gb, run_logging
 from tools.finetune.train_report import (
     comparison_rows,
@@ -36,7 +36,15 @@ from tools.finetune.train_report import (
     write_comparison,
     write_json,
 )
-from tools.finetune.train_setup import RunPaths, TrainError, check_method, detect_device, load_job, load_model
+from tools.finetune.train_setup import (
+    RunPaths,
+    TrainError,
+    check_method,
+    detect_device,
+    load_job,
+    load_model,
+    reload_full_model,
+)
 
 log = logging.getLogger("stackwise.finetune")
 EXIT_OK, EXIT_FAILED, EXIT_CANCELLED = 0, 1, 3
@@ -65,6 +73,7 @@ class _Facts:
         self.fields: dict[str, Any] = {}
         self.trainer = None
         self.progress: ProgressCallback | None = None
+        self.tracking: TrackingCallback | None = None
         self.earlier_seconds = 0.0
 
     def collect(self) -> dict[str, Any]:
@@ -153,7 +162,7 @@ def _train(paths: RunPaths, resume: bool, cancel: CancelFlag, facts: _Facts) -> 
 
     shown = comparison_rows(job.eval_rows, job.train_rows)
     before = None
-    if spec.method == "full":  # no adapter to switch off afterwards: answer with the base weights now
+    if spec.method == "full" and me.main:  # no adapter to switch off afterwards: answer with the base weights now
         before = generate(model, tokenizer, [r["prompt"] for r in shown])
     held_out = HeldOutEvaluation.for_job(job, stop=lambda: cancel.is_set)   # loss, <think> format, exact match
     if spec.method == "full" and me.main:    # its "before" is the base weights: measure them now
@@ -162,6 +171,7 @@ def _train(paths: RunPaths, resume: bool, cancel: CancelFlag, facts: _Facts) -> 
     progress = ProgressCallback(paths.progress if me.main else None, cancel, sync=me.distributed)
     tracking = TrackingCallback(paths.root, job)     # TensorBoard always; W&B, MLflow when configured
     facts.fields["tracking"] = tracking.links        # summary.json links the runs (filled in as they start)
+    facts.tracking = tracking
     trainer = SFTTrainer(
         model=model,
         args=sft_config(job, device, paths.checkpoints, has_eval=bool(job.eval_rows)),
@@ -186,6 +196,9 @@ def _train(paths: RunPaths, resume: bool, cancel: CancelFlag, facts: _Facts) -> 
                         gpus=me.world_size, global_batch=spec.batch_size * spec.grad_accum * me.world_size,
                         engine=job.engine.to_dict() if job.engine is not None else None,
                         speed=job.speed.to_dict() if hasattr(job.speed, "to_dict") else None)
+    if me.distributed:
+        log.info("data-parallel on %d processes (%s)", me.world_size,
+                 "FSDP: the model sharded" if trainer.is_fsdp_enabled else "DDP: a whole model on each")
     log.info("training %d steps on %d rows (%d held out); %d of %d parameters trainable; "
              "log every %d, checkpoint every %d", schedule.total, len(job.train_rows), len(job.eval_rows),
              trainable, total, schedule.logging_steps, schedule.save_steps)
@@ -193,6 +206,9 @@ def _train(paths: RunPaths, resume: bool, cancel: CancelFlag, facts: _Facts) -> 
     trainer.train(resume_from_checkpoint=checkpoint)
     if progress.cancelled:
         raise _Cancelled
+    sharded = fsdp_on(job)
+    if sharded:   # the weights are spread over the ranks: gather them into one saved model, all ranks taking part
+        trainer.save_model(str(paths.adapter))
     finish()   # the ranks part here: saving, comparing and reporting are rank 0's alone
     if not me.main:
         return Outcome(EXIT_OK, {})
@@ -200,7 +216,11 @@ def _train(paths: RunPaths, resume: bool, cancel: CancelFlag, facts: _Facts) -> 
 
     artifacts: dict[str, str | None] = {"adapter": str(paths.adapter), "merged": None,
                                         "comparison": str(paths.comparison)}
-    save_adapter(model, tokenizer, paths.adapter)
+    if sharded:   # rank 0 answers the comparison with the whole trained model, read back from what was saved
+        tokenizer.save_pretrained(str(paths.adapter))
+        model = reload_full_model(paths.adapter, device)
+    else:
+        save_adapter(model, tokenizer, paths.adapter)
     _check_cancel(cancel)
     prompts = [r["prompt"] for r in shown]
     if before is None:
@@ -231,6 +251,11 @@ def _end(paths: RunPaths, status: str, code: int, facts: _Facts, error: str | No
     ``peer_first``: a failure another rank recorded explains this end better (a stop or a broken collective
     that followed it)."""
     me = ranks()
+    if facts.tracking is not None and status == "failed":
+        try:          # a run that raised never reached on_train_end: mark its W&B / MLflow runs failed
+            facts.tracking.close(failed=True)
+        except Exception as exc:  # noqa: BLE001 - tracking must not hide why the run failed
+            log.warning("tracking: could not close the runs: %s", exc)
     if not me.main:
         if status == "failed":
             record_failure(paths.root, me.rank, error or "failed")

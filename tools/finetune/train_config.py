@@ -60,7 +60,7 @@ def sft_config(job: Job, device: Device, output_dir: Path, *, has_eval: bool):
         max_length=spec.max_seq_len,
         packing=spec.packing,
         completion_only_loss=True,
-        **_checkpointing_arg(SFTConfig, job.gradient_checkpointing),
+        **_checkpointing_arg(SFTConfig, job.gradient_checkpointing and not fsdp_on(job)),
         bf16=device.bf16,
         fp16=device.fp16,
         use_cpu=not device.cuda,
@@ -85,6 +85,11 @@ def sft_config(job: Job, device: Device, output_dir: Path, *, has_eval: bool):
     )
 
 
+def fsdp_on(job: Job) -> bool:
+    """Whether this run shards the model with FSDP (a full fine-tune that asked for it, on several processes)."""
+    return job.fsdp and ranks().distributed
+
+
 def _parallel_args(config_cls, job: Job) -> dict:
     """Data-parallel settings (every trainable parameter gets a gradient each step, so DDP need not search for
     unused ones) and the sampling order (``sequential`` keeps the rows in file order: the same global batches
@@ -93,7 +98,12 @@ def _parallel_args(config_cls, job: Job) -> dict:
 
     names = {f.name for f in dataclasses.fields(config_cls)}
     args: dict = {}
-    if ranks().distributed:
+    if fsdp_on(job):
+        # FSDP2 shards weights, gradients and optimizer state over the GPUs; its own activation checkpointing
+        # (the Trainer's would add an all-gather per layer in the backward)
+        args.update(fsdp=True, fsdp_config={"version": 2, "activation_checkpointing": job.gradient_checkpointing,
+                                            "state_dict_type": "FULL_STATE_DICT"})
+    elif ranks().distributed:
         args["ddp_find_unused_parameters"] = False
     if job.sampling == "sequential":
         if "train_sampling_strategy" not in names:

@@ -24,7 +24,7 @@ from tools.finetune.spec import FinetuneSpec
 
 # Keys ``spec.json`` may hold besides the ``FinetuneSpec`` fields (see the contract).
 RUN_KEYS = ("base_model_path", "base_model_source", "job_id", "gradient_checkpointing", "preflight", "speed",
-            "sampling", "trial", "evaluate")
+            "sampling", "trial", "evaluate", "fsdp")
 ROW_KEYS = ("prompt", "completion")
 log = logging.getLogger("stackwise.finetune")
 
@@ -47,6 +47,7 @@ class Job:
     sampling: str = "random"   # "sequential": rows in file order (a reproducible global batch on any GPU count)
     engine: Any = None         # tools.finetune.engines.EngineChoice once the model is loaded
     evaluate: bool = True      # the held-out evaluation after training (spec.json "evaluate": false skips it)
+    fsdp: bool = False         # shard a full fine-tune over the GPUs (the preflight's choice when one GPU is too small)
 
 
 def _one_line(text: str) -> str:
@@ -95,6 +96,14 @@ def _base_model_path(extras: dict[str, Any]) -> Path:
     if path is None:
         raise TrainError("spec.json has no base_model_path (a local model directory)")
     raise TrainError(f"base model not found: {path} has no config.json")
+
+
+def _wants_fsdp(extras: dict[str, Any], spec: FinetuneSpec) -> bool:
+    """FSDP for a full fine-tune when spec.json or its preflight asks for it (LoRA stays on DDP: its trainable
+    part is small, and every GPU holding the whole frozen model is what makes it fast)."""
+    preflight = extras.get("preflight")
+    asked = extras.get("fsdp") is True or (isinstance(preflight, dict) and preflight.get("fsdp") is True)
+    return asked and spec.method == "full"
 
 
 def _wants_checkpointing(extras: dict[str, Any]) -> bool:
@@ -159,6 +168,7 @@ def load_job(paths: RunPaths) -> Job:
         speed=speed,
         sampling=_sampling(extras),
         evaluate=extras.get("evaluate", True) is not False,
+        fsdp=_wants_fsdp(extras, spec),
     )
 
 
@@ -257,6 +267,15 @@ def _load_unsloth(job: Job, device: Device):
     except (OSError, ValueError, KeyError, NotImplementedError, RuntimeError) as exc:
         raise TrainError(f"unsloth could not load {job.base_model_path}: {_one_line(exc)} — set engine "
                          "'transformers' to train with stackwise's own path") from None
+
+
+def reload_full_model(folder: Path, device: Device):
+    """A fully fine-tuned model as saved (after FSDP training, whose in-memory weights are shards), on this GPU."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=device.dtype, attn_implementation="sdpa")
+    return model.to(torch.cuda.current_device()) if device.cuda else model
 
 
 def load_model(job: Job, device: Device):
