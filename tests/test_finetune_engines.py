@@ -81,3 +81,34 @@ def test_the_unsloth_loader_passes_the_spec_to_fast_language_model(tmp_path, mon
     base, peft = calls["peft"]
     assert base == "base-model" and peft["r"] == 8 and peft["lora_alpha"] == 16 and peft["random_state"] == 3
     assert peft["use_gradient_checkpointing"] == "unsloth" and "down_proj" in peft["target_modules"]
+
+
+def test_unsloth_is_imported_first_only_for_a_run_that_will_use_it(tmp_path, monkeypatch):
+    from tools.finetune import engines
+
+    model = build_tiny_model(tmp_path / "tiny")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+
+    def spec(engine: str) -> list[str]:
+        (run_dir / "spec.json").write_text(json.dumps({"engine": engine, "base_model_path": str(model)}))
+        return [str(run_dir), "--resume"]
+
+    asked = []
+    real_choice = engines.choose_engine
+
+    def choose(requested, **facts):
+        asked.append(facts)
+        return real_choice(requested, **facts)
+
+    monkeypatch.setitem(sys.modules, "unsloth", types.SimpleNamespace())     # what `import unsloth` would bind
+    monkeypatch.setattr(engines, "unsloth_installed", lambda: True)
+    monkeypatch.setattr(engines, "choose_engine", choose)
+    assert not engines.preload_for_run(spec("transformers")) and not asked     # never even considered
+    assert not engines.preload_for_run(spec("unsloth"))                        # this machine has no CUDA
+    assert asked[-1]["model_type"] == "llama" and asked[-1]["processes"] == 1 and not asked[-1]["cuda"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert engines.preload_for_run(spec("auto"))                                # a GPU: unsloth goes first
+    monkeypatch.setattr(engines, "unsloth_installed", lambda: False)
+    assert not engines.preload_for_run(spec("unsloth"))
+    assert not engines.preload_for_run([str(tmp_path / "missing")]) and not engines.preload_for_run([])

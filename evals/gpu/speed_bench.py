@@ -14,6 +14,8 @@ bitsandbytes as a user's model would). The training step is the same in every va
     liger_gc    liger_fused + gradient checkpointing (the memory-lean setting)
 
     python evals/gpu/speed_bench.py --out OUT --configs 7b:lora,7b:qlora --variants base,liger,liger_fused
+    (variants: base, base_gc, liger, liger_fused, liger_gc, unsloth, unsloth_gc — the last two when unsloth is
+    installed on the GPU machine)
         [--steps 30] [--warmup 3] [--batch 4] [--seq 2048]
 
 Prints one table per configuration and writes ``OUT/speed-<shape>-<method>.json``. MFU uses the FLOP count in
@@ -40,7 +42,10 @@ VARIANTS = {
     "liger": {"liger": True},
     "liger_fused": {"liger": True, "fused_adamw": True},
     "liger_gc": {"liger": True, "fused_adamw": True, "gc": True},
+    "unsloth": {"unsloth": True},                 # unsloth's FastLanguageModel (when installed; needs a GPU)
+    "unsloth_gc": {"unsloth": True, "gc": True},  # ... with its own ("unsloth") gradient checkpointing
 }
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def model_dir(shape: str, work: Path) -> Path:
@@ -61,8 +66,22 @@ def model_dir(shape: str, work: Path) -> Path:
     return folder
 
 
+def unsloth_model(folder: Path, method: str, options: dict, args: argparse.Namespace):
+    """The same LoRA (r16, α32, dropout 0.05, all linear layers) built by unsloth's FastLanguageModel."""
+    import torch
+    from unsloth import FastLanguageModel
+
+    model, _ = FastLanguageModel.from_pretrained(model_name=str(folder), max_seq_length=args.seq, dtype=torch.bfloat16,
+                                                 load_in_4bit=method == "qlora", local_files_only=True)
+    return FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0.05, target_modules=LORA_TARGETS,
+                                            bias="none", random_state=0,
+                                            use_gradient_checkpointing="unsloth" if options.get("gc") else False)
+
+
 def run_one(shape: str, method: str, variant: str, args: argparse.Namespace) -> dict:
     """One measurement, in this process."""
+    if VARIANTS[variant].get("unsloth"):
+        import unsloth  # noqa: F401  (first: it patches transformers and peft as they are imported)
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
@@ -83,14 +102,17 @@ def run_one(shape: str, method: str, variant: str, args: argparse.Namespace) -> 
         kwargs["device_map"] = {"": 0}
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-    if method != "qlora" and cuda:
-        model.to("cuda")
-    if options.get("gc"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
-                                             task_type="CAUSAL_LM"))
+    if options.get("unsloth"):
+        model = unsloth_model(folder, method, options, args)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        if method != "qlora" and cuda:
+            model.to("cuda")
+        if options.get("gc"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
+                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
     model.train()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -58,6 +58,34 @@ def choose_engine(requested: str, *, cuda: bool, processes: int, model_type: str
     return EngineChoice(requested, "transformers")
 
 
+def preload_for_run(argv: list[str]) -> bool:
+    """Import unsloth before anything imports transformers, peft or trl (it patches them as they load), when the
+    run the command line names will train with it. Called first thing by ``python -m tools.finetune.train``;
+    never raises (the engine choice itself comes later and reports any problem)."""
+    import json
+    import os
+    from pathlib import Path
+
+    try:
+        run = next(a for a in argv if not a.startswith("-"))
+        raw = json.loads((Path(run) / "spec.json").read_text(encoding="utf-8"))
+        requested = raw.get("engine", "auto")
+        if requested == "transformers" or not unsloth_installed():
+            return False
+        config = json.loads((Path(raw["base_model_path"]) / "config.json").read_text(encoding="utf-8"))
+        import torch
+
+        choice = choose_engine(requested, cuda=torch.cuda.is_available(),
+                               processes=int(os.environ.get("WORLD_SIZE", "1")), model_type=config.get("model_type"),
+                               installed=True)
+        if choice.used != "unsloth":
+            return False
+        import unsloth  # noqa: F401
+        return True
+    except Exception:  # noqa: BLE001 - a bad run directory is reported by the trainer itself
+        return False
+
+
 def load_unsloth(job, device, *, max_seq_len: int):
     """(model, tokenizer) from unsloth: the base in bf16 (4-bit for QLoRA) and, for LoRA/QLoRA, the adapter
     already attached — the trainer then gets no ``peft_config``."""

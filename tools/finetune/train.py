@@ -10,12 +10,18 @@ and ``summary.json`` into ``RUN``. Exit codes: 0 succeeded, 1 failed (one-line m
 
 from __future__ import annotations
 
-import argparse
+import sys
+
+if __name__ == "__main__":   # unsloth, when this run uses it, must be imported before transformers / peft / trl
+    from tools.finetune.engines import preload_for_run
+
+    preload_for_run(sys.argv[1:])
+
+import argparse  # noqa: E402
 import json
 import logging
 import os
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
