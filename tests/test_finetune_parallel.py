@@ -38,11 +38,10 @@ from tools.finetune.distributed import (  # noqa: E402
     train_argv,
     visible_gpus,
 )
-from tools.finetune.tiny import build_tiny_model  # noqa: E402
+from tools.finetune.tiny import build_tiny_model, write_pattern_run  # noqa: E402
 from tools.finetune.worker import Worker  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is deprecated and will be removed in v6:FutureWarning")
-WORDS = ("red", "blue", "green", "cat", "dog", "sun", "moon")
 
 
 @pytest.fixture(scope="module")
@@ -50,30 +49,9 @@ def tiny(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama")
 
 
-def write_run(run_dir: Path, model: Path, *, rows: int = 32, **spec) -> Path:
-    """A run directory per the contract; completions of 1–5 words, so batches hold different token counts
-    (the loss must be averaged over the tokens of the whole global batch, not per process)."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model)
-
-    def row(i: int) -> str:
-        word, n = WORDS[i % len(WORDS)], 1 + i % 5
-        question = f"Say {word} {n} times."
-        prompt = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                         add_generation_prompt=True)
-        answer = " ".join([word] * n)
-        return json.dumps({"prompt": prompt, "completion": answer + tok.eos_token, "question": question,
-                           "reference": answer}) + "\n"
-
-    (run_dir / "data").mkdir(parents=True)
-    (run_dir / "data" / "train.jsonl").write_text("".join(row(i) for i in range(rows)))
-    (run_dir / "data" / "eval.jsonl").write_text("".join(row(i) for i in range(100, 104)))
-    fields = {"base_model": "tiny-llama", "dataset": "pattern.jsonl", "method": "lora", "lora_rank": 8,
-              "lora_dropout": 0.0, "learning_rate": 5e-3, "batch_size": 4, "max_seq_len": 128, "seed": 7, **spec}
-    (run_dir / "spec.json").write_text(json.dumps({**fields, "base_model_path": str(model), "job_id": "ft-1",
-                                                   "sampling": "sequential"}))
-    return run_dir
+# answers of 1–5 words, so batches hold different token counts: the loss must be averaged over the tokens of the
+# whole global batch, not per process
+write_run = write_pattern_run
 
 
 def env(processes: int = 2) -> dict[str, str]:

@@ -21,33 +21,6 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
 
-WORDS = ("red", "blue", "green", "cat", "dog", "sun", "moon")
-
-
-def write_run(run_dir: Path, model: Path, *, batch: int, steps: int, fsdp: bool) -> Path:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model)
-
-    def row(i: int) -> str:
-        word, n = WORDS[i % len(WORDS)], 1 + i % 5
-        question = f"Say {word} {n} times."
-        prompt = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                         add_generation_prompt=True)
-        answer = " ".join([word] * n)
-        return json.dumps({"prompt": prompt, "completion": answer + tok.eos_token, "question": question,
-                           "reference": answer}) + "\n"
-
-    (run_dir / "data").mkdir(parents=True, exist_ok=True)
-    (run_dir / "data" / "train.jsonl").write_text("".join(row(i) for i in range(64)))
-    (run_dir / "data" / "eval.jsonl").write_text("".join(row(i) for i in range(100, 104)))
-    spec = {"base_model": "tiny", "dataset": "d.jsonl", "method": "full", "learning_rate": 1e-3, "batch_size": batch,
-            "max_seq_len": 128, "seed": 7, "max_steps": steps, "base_model_path": str(model), "job_id": "ft-1",
-            "sampling": "sequential", "fsdp": fsdp}
-    (run_dir / "spec.json").write_text(json.dumps(spec))
-    return run_dir
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
@@ -57,13 +30,14 @@ def main(argv: list[str] | None = None) -> int:
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     from tools.finetune.distributed import train_argv
-    from tools.finetune.tiny import build_tiny_model
+    from tools.finetune.tiny import build_tiny_model, write_pattern_run
 
     model = build_tiny_model(work / "tiny")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     results = {}
     for name, processes, batch, fsdp in (("one", 1, 4, False), ("two-fsdp", 2, 2, True)):
-        run_dir = write_run(work / name, model, batch=batch, steps=args.steps, fsdp=fsdp)
+        run_dir = write_pattern_run(work / name, model, rows=64, method="full", learning_rate=1e-3, batch_size=batch,
+                                    max_steps=args.steps, fsdp=fsdp)
         run_env = {**env, "CUDA_VISIBLE_DEVICES": "0"} if processes == 1 else env
         done = subprocess.run(train_argv(sys.executable, run_dir, processes=processes, resume=False), cwd=run_dir,
                               env=run_env, capture_output=True, text=True, timeout=600)

@@ -157,12 +157,15 @@ class LocalBackend:
             for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
                 self.env[var] = str(int(threads))
         self._die_with_parent = _parent_death_signal()
+        self._visible: int | None = None     # GPUs the trainer sees; counted once (nvidia-smi), not per start
 
     def processes(self, job: Job) -> int:
         """Training processes for ``job``: its ``gpus``, or every GPU this machine shows the trainer (one process
         without GPUs); ``BackendError`` when it asks for more GPUs than there are."""
         try:
-            return processes_for(requested_gpus(job.run_dir), visible_gpus({**os.environ, **self.env}))
+            if self._visible is None:
+                self._visible = visible_gpus({**os.environ, **self.env})
+            return processes_for(requested_gpus(job.run_dir), self._visible)
         except ValueError as exc:
             raise BackendError(str(exc)) from None
 

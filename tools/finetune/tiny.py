@@ -134,3 +134,37 @@ def build_tiny_model(path: str | Path, *, arch: str = "llama", vocab_size: int =
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+PATTERN_WORDS = ("red", "blue", "green", "cat", "dog", "sun", "moon")
+
+
+def write_pattern_run(run_dir: str | Path, model: str | Path, *, rows: int = 32, **spec) -> Path:
+    """A run directory per the contract (spec.json + prepared ``data/train.jsonl``, ``data/eval.jsonl``) for the
+    tiny model: "Say <word> <n> times." rows whose answers are 1–5 words long (so batches hold different token
+    counts), in file order (``"sampling": "sequential"``: the same global batches on any number of processes).
+    ``spec`` overrides the LoRA defaults; run-level keys (``fsdp``, ``gpus`` …) may go there too."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+
+    def row(i: int) -> str:
+        word, n = PATTERN_WORDS[i % len(PATTERN_WORDS)], 1 + i % 5
+        question = f"Say {word} {n} times."
+        prompt = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                         add_generation_prompt=True)
+        answer = " ".join([word] * n)
+        return json.dumps({"prompt": prompt, "completion": answer + tok.eos_token, "question": question,
+                           "reference": answer}) + "\n"
+
+    run_dir = Path(run_dir)
+    (run_dir / "data").mkdir(parents=True, exist_ok=True)
+    (run_dir / "data" / "train.jsonl").write_text("".join(row(i) for i in range(rows)))
+    (run_dir / "data" / "eval.jsonl").write_text("".join(row(i) for i in range(100, 104)))
+    fields = {"base_model": "tiny-llama", "dataset": "pattern.jsonl", "method": "lora", "lora_rank": 8,
+              "lora_dropout": 0.0, "learning_rate": 5e-3, "batch_size": 4, "max_seq_len": 128, "seed": 7, **spec}
+    (run_dir / "spec.json").write_text(json.dumps({**fields, "base_model_path": str(model), "job_id": "ft-1",
+                                                   "sampling": "sequential"}))
+    return run_dir

@@ -35,11 +35,16 @@ def lora_config(spec: FinetuneSpec):
     )
 
 
-def _checkpointing_arg(config_cls, enabled: bool) -> dict[str, bool]:
-    """transformers >= 5.2x renamed ``gradient_checkpointing`` to ``activation_checkpointing``; use what exists."""
+def _field_names(config_cls) -> set[str]:
+    """The arguments this transformers/trl version's config class takes (names change between versions)."""
     import dataclasses
 
-    names = {f.name for f in dataclasses.fields(config_cls)}
+    return {f.name for f in dataclasses.fields(config_cls)}
+
+
+def _checkpointing_arg(config_cls, enabled: bool) -> dict[str, bool]:
+    """transformers >= 5.2x renamed ``gradient_checkpointing`` to ``activation_checkpointing``; use what exists."""
+    names = _field_names(config_cls)
     return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
 
 
@@ -94,9 +99,7 @@ def _parallel_args(config_cls, job: Job) -> dict:
     """Data-parallel settings (every trainable parameter gets a gradient each step, so DDP need not search for
     unused ones) and the sampling order (``sequential`` keeps the rows in file order: the same global batches
     on one GPU and on several — how the multi-GPU loss is checked against one GPU)."""
-    import dataclasses
-
-    names = {f.name for f in dataclasses.fields(config_cls)}
+    names = _field_names(config_cls)
     args: dict = {}
     if fsdp_on(job):
         # FSDP2 shards weights, gradients and optimizer state over the GPUs; its own activation checkpointing
