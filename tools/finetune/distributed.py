@@ -86,6 +86,35 @@ def finish() -> None:
         dist.destroy_process_group()
 
 
+# What a launched trainer must keep alive until it leaves (the Trainer, hence DDP's reducer and its process group).
+_KEPT: list = []
+
+
+def keep_until_exit(obj) -> None:
+    """Hold ``obj`` until :func:`leave` ends the process, so that it is never garbage-collected before."""
+    _KEPT.append(obj)
+
+
+def leave(code: int):
+    """End a launched trainer process now: flush the logs and streams, then exit without running destructors.
+
+    Freeing DDP's reducer frees its gloo process group, whose destructor joins the group's worker thread while
+    holding the GIL; if that thread is still dropping the tensors of its last collective it needs the GIL too,
+    and the process hangs for ever after a finished run (seen about one run in twenty on 2 CPU processes; the
+    launcher then waits on the hung rank). Everything the run writes is closed by then (summary, checkpoints,
+    trackers), so skipping the interpreter's teardown loses nothing."""
+    import logging
+    import sys
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 # ---- how many GPUs, and the command line ------------------------------------------------------------
 
 def visible_gpus(env: Mapping[str, str] | None = None) -> int:

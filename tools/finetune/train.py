@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tools.finetune.distributed import finish, peer_failure, ranks, record_failure
+from tools.finetune.distributed import finish, keep_until_exit, leave, peer_failure, ranks, record_failure
 from tools.finetune.evaluate import HeldOutEvaluation
 from tools.finetune.tracking import TrackingCallback
 from tools.finetune.train_config import apply_schedule, fsdp_on, lora_config, sft_config
@@ -287,6 +287,8 @@ def run(run_dir: str | Path, *, resume: bool = False, cancel: CancelFlag | None 
     cancel = cancel or CancelFlag()
     facts = _Facts()
     me = ranks()
+    if me.distributed:   # the trainer it will hold must outlive this call: see distributed.leave
+        keep_until_exit(facts)
     log_path = paths.log if me.main else paths.root / f"train.rank{me.rank}.log"
     with run_logging(log_path, "train" if me.main else f"train[rank {me.rank}]"):
         try:
@@ -321,9 +323,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cancel = CancelFlag().install()
     try:
-        return run(args.run, resume=args.resume, cancel=cancel).code
+        code = run(args.run, resume=args.resume, cancel=cancel).code
     finally:
         cancel.restore()
+    if ranks().distributed:
+        leave(code)   # no teardown: a process group's destructor can deadlock (see distributed.leave)
+    return code
 
 
 if __name__ == "__main__":
