@@ -71,7 +71,12 @@ def _model_lines(report: dict, zh: bool) -> dict:
     share = f"{params['trainable_fraction']:.2%}"
     vram_text = f"≈ {vram['total_gb']:.1f} GiB"
     if vram["gradient_checkpointing"]:
-        vram_text += "（开启梯度检查点）" if zh else " with gradient checkpointing"
+        kept, layers = vram.get("checkpointed_layers"), vram.get("layers")
+        if kept and layers and kept < layers:
+            vram_text += f"（{layers} 层中 {kept} 层开启梯度检查点）" if zh else \
+                f" with gradient checkpointing on {kept} of {layers} layers"
+        else:
+            vram_text += "（开启梯度检查点）" if zh else " with gradient checkpointing"
     if gpu:
         fits = ("放得下" if zh else "fits") if report.get("fits") else ("放不下" if zh else "does not fit")
         vram_text += f"，{fits} {gpu.get('name')}（{gpu.get('memory_gb')} GiB）" if zh else \

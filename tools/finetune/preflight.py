@@ -32,15 +32,19 @@ linear + cross-entropy never materialises them) and k = 51 B instead of 64 B; Lo
 dropped-out input of every adapted layer is kept for the backward). Fitted on the worker runs: 7B LoRA with Liger
 65.1 GiB measured (formula 65.0, −0.2 %), the same with dropout 0 56.0 GiB (formula 55.8, −0.4 %), 7B QLoRA with
 Liger 54.6 GiB (formula 56.0, +2.5 %); Liger's speed is × 1.16.
-It fits when the total is ≤ 95 % of the GPU memory; gradient checkpointing is recommended when only the
-checkpointed estimate fits.
+It fits when the total is ≤ 95 % of the GPU memory. When only a checkpointed estimate fits, gradient
+checkpointing is turned on for the fewest layers that make it fit (every n-th decoder layer, transformers'
+``every_n_layers``, n as large as the memory allows): a checkpointed layer keeps k = 4 B per token, the others
+their full k, and each recomputed layer costs 1/L of the full setting's slow-down. The partial setting's memory
+and speed are interpolated between the two measured ends (none, all), not measured yet.
 
 Time estimate = training tokens (real tokens, padding not counted; eval not counted) / tokens per second,
 where tokens/s on an H200 for LoRA follows the two measured points — Qwen2.5-0.5B shape 52k tokens/s,
 7B shape 9.9k tokens/s — as a power law in P between them (P^-0.606), as 1/P above 7.6B (compute-bound),
 capped at 250k tokens/s; × GPU factor (H200 1.0, H100 0.85, A100 0.35, RTX 4090 0.3, CPU 0.002 capped at
 20k tokens/s); × method factor (LoRA 1.0, QLoRA 0.9 — measured 0.76 at 0.5B, 1.09 at 7B —, full 0.7);
-× 0.71 with gradient checkpointing (7.0k / 9.9k measured).
+× 0.71 with gradient checkpointing on every layer (7.0k / 9.9k measured; 1 / (1 + 0.41 × c / L) with c of
+L layers checkpointed).
 """
 
 from __future__ import annotations
@@ -116,24 +120,48 @@ def count_params(config: dict, method: str, rank: int, targets: list[str] | None
             "target_modules": chosen, "unknown_targets": unknown, "hidden": h, "layers": layers, "vocab": vocab}
 
 
-def estimate_vram(params: dict, method: str, batch: int, seq: int, *, checkpointing: bool,
+def checkpointed_layers(layers: int, every: int) -> int:
+    """How many of ``layers`` decoder layers are checkpointed when every ``every``-th one is (the first, the
+    (every+1)-th, …: transformers' ``every_n_layers``)."""
+    return math.ceil(layers / max(1, every))
+
+
+def estimate_vram(params: dict, method: str, batch: int, seq: int, *, checkpointing: bool, every: int = 1,
                   liger: bool = False, lora_dropout: float = 0.05, shards: int = 1) -> dict:
     """The VRAM terms of the module docstring, in GiB (``liger``: the fused kernels the worker uses from
-    ``LIGER_MIN_PARAMS`` parameters on a GPU — no logits, fewer activations)."""
+    ``LIGER_MIN_PARAMS`` parameters on a GPU — no logits, fewer activations; ``every``: with checkpointing,
+    only every ``every``-th layer is checkpointed, the others keep their activations)."""
     weights = (NF4_BYTES * params["linear"] + 2 * (params["total"] - params["linear"]) if method == "qlora"
                else 2 * params["total"])
     trainable = 16 * params["trainable"]
     weights, trainable = weights / shards, trainable / shards    # FSDP: each GPU keeps 1/shards of both
     dropout = K_LORA_DROPOUT if method != "full" and lora_dropout > 0 else 0
-    k = K_ACT_CHECKPOINTED if checkpointing else (K_ACT_LIGER if liger else K_ACT_BF16) + dropout
-    j = 0 if liger else K_LOGITS_CHECKPOINTED if checkpointing else K_LOGITS
-    acts = batch * seq * params["hidden"] * params["layers"] * k + batch * seq * params["vocab"] * j
+    layers = params["layers"]
+    kept = checkpointed_layers(layers, every) if checkpointing else 0
+    k_full = (K_ACT_LIGER if liger else K_ACT_BF16) + dropout
+    k = ((layers - kept) * k_full + kept * K_ACT_CHECKPOINTED) / layers      # bytes per token·layer, on average
+    j = 0 if liger else K_LOGITS_CHECKPOINTED if kept == layers else K_LOGITS
+    acts = batch * seq * params["hidden"] * layers * k + batch * seq * params["vocab"] * j
     terms = {"weights_gb": weights / GIB, "trainable_states_gb": trainable / GIB, "activations_gb": acts / GIB,
              "overhead_gb": OVERHEAD_GIB}
     return {**{k: round(v, 3) for k, v in terms.items()}, "total_gb": round(sum(terms.values()), 2),
-            "gradient_checkpointing": checkpointing, "liger": liger, "fsdp_shards": shards, "k_activation_bytes": k,
-            "seq": seq,
-            "batch": batch}
+            "gradient_checkpointing": checkpointing, "checkpoint_every": every if checkpointing else None,
+            "checkpointed_layers": kept, "layers": layers, "liger": liger, "fsdp_shards": shards,
+            "k_activation_bytes": round(k, 2), "seq": seq, "batch": batch}
+
+
+def lightest_checkpointing(params: dict, method: str, batch: int, seq: int, budget_gb: float, **terms) -> dict:
+    """The checkpointed estimate that fits ``budget_gb`` with the fewest checkpointed layers (every layer
+    checkpointed when none fits, so the caller sees the smallest footprint): each layer not checkpointed saves
+    its recomputation, about 1/L of the 29 % that checkpointing every layer costs."""
+    layers = params["layers"]
+    for every in range(layers, 1, -1):
+        if every < layers and checkpointed_layers(layers, every) == checkpointed_layers(layers, every + 1):
+            continue        # same number of checkpointed layers as the sparser setting already tried
+        estimate = estimate_vram(params, method, batch, seq, checkpointing=True, every=every, **terms)
+        if estimate["total_gb"] <= budget_gb:
+            return estimate
+    return estimate_vram(params, method, batch, seq, checkpointing=True, every=1, **terms)
 
 
 def gpu_kind(gpu: dict | None) -> tuple[str, bool]:
@@ -145,8 +173,9 @@ def gpu_kind(gpu: dict | None) -> tuple[str, bool]:
     return (kind, True) if kind else ("A100", False)
 
 
-def tokens_per_second(total_params: int, method: str, gpu: dict | None, *, checkpointing: bool) -> float:
-    """Assumed training throughput (see the module docstring)."""
+def tokens_per_second(total_params: int, method: str, gpu: dict | None, *, checkpointing: bool | float) -> float:
+    """Assumed training throughput (see the module docstring); ``checkpointing``: the share of the layers
+    checkpointed (``True`` = all), each costing its recomputation."""
     p = max(total_params, 1)
     if p <= P_7B:
         h200 = TPS_SMALL * (p / P_SMALL) ** (-math.log(TPS_SMALL / TPS_7B) / math.log(P_7B / P_SMALL))
@@ -154,7 +183,8 @@ def tokens_per_second(total_params: int, method: str, gpu: dict | None, *, check
         h200 = TPS_7B * P_7B / p
     factor, cap = GPU_KINDS[gpu_kind(gpu)[0]]
     tps = min(h200 * factor, cap) * METHOD_SPEED[method]
-    return tps * (CHECKPOINTING_SPEED if checkpointing else 1.0)
+    share = float(checkpointing)
+    return tps / (1.0 + (1.0 / CHECKPOINTING_SPEED - 1.0) * share)
 
 
 def token_lengths(texts: list[str], tokenizer=None) -> tuple[list[int], str]:
@@ -349,13 +379,16 @@ def _model_checks(result: dict, spec, config: dict, gpu: dict | None, lengths: d
                 _warn(warnings, "info", "fsdp", f"One GPU cannot hold this full fine-tune, so its weights, gradients "
                                                 f"and optimizer state are sharded over {schedule['gpus']} GPUs (FSDP).")
         if plain["total_gb"] > budget and fits:
-            vram = checkpointed
+            # only as many layers checkpointed as the memory needs (FSDP checkpoints all of them, its own way)
+            vram = checkpointed if result["fsdp"] else lightest_checkpointing(
+                params, spec.method, spec.batch_size, seq, budget, **terms)
         if not fits:
             _warn(warnings, "error", "no_fit", f"The job needs about {checkpointed['total_gb']:.0f} GiB even with "
                                                f"gradient checkpointing; {gpu.get('name', 'the GPU')} has "
                                                f"{gpu.get('memory_gb')} GiB. Use QLoRA, a smaller batch_size or a "
                                                "shorter max_seq_len.")
-    tps = tokens_per_second(params["total"], spec.method, gpu, checkpointing=vram["gradient_checkpointing"])
+    tps = tokens_per_second(params["total"], spec.method, gpu,
+                            checkpointing=vram["checkpointed_layers"] / vram["layers"])
     tps *= parallel_speedup(schedule["gpus"]) * (LIGER_SPEED if liger else 1.0)
     kind, known = gpu_kind(gpu)
     seconds = schedule["total_tokens"] / tps

@@ -29,7 +29,7 @@ from typing import Any
 from tools.finetune.distributed import finish, keep_until_exit, leave, peer_failure, ranks, record_failure
 from tools.finetune.evaluate import HeldOutEvaluation
 from tools.finetune.tracking import TrackingCallback
-from tools.finetune.train_config import apply_schedule, fsdp_on, lora_config, sft_config
+from tools.finetune.train_config import PartialCheckpointing, apply_schedule, fsdp_on, lora_config, sft_config
 from tools.finetune.train_progress import CancelFlag, ProgressCallback, gpu_mem_gb, run_logging
 from tools.finetune.train_report import (
     comparison_rows,
@@ -178,14 +178,18 @@ def _train(paths: RunPaths, resume: bool, cancel: CancelFlag, facts: _Facts) -> 
     tracking = TrackingCallback(paths.root, job)     # TensorBoard always; W&B, MLflow when configured
     facts.fields["tracking"] = tracking.links        # summary.json links the runs (filled in as they start)
     facts.tracking = tracking
+    unsloth = job.engine is not None and job.engine.used == "unsloth"
+    callbacks = [progress, tracking]
+    if job.gradient_checkpointing and job.checkpoint_every > 1 and not unsloth and not fsdp_on(job):
+        callbacks.append(PartialCheckpointing(job.checkpoint_every).callback())   # only the layers memory needs
     trainer = SFTTrainer(
         model=model,
         args=sft_config(job, device, paths.checkpoints, has_eval=bool(job.eval_rows)),
         train_dataset=dataset(job.train_rows),
         eval_dataset=dataset(job.eval_rows) if job.eval_rows else None,
         processing_class=tokenizer,
-        peft_config=None if job.engine is not None and job.engine.used == "unsloth" else lora_config(spec),
-        callbacks=[progress, tracking],
+        peft_config=None if unsloth else lora_config(spec),
+        callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)  # progress.jsonl and train.log replace the printed dicts
     facts.trainer, facts.progress = trainer, progress

@@ -7,6 +7,7 @@ steps, which is known only once trl has tokenized (and maybe packed) the data se
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from tools.finetune.distributed import ranks
 from tools.finetune.spec import FinetuneSpec
 from tools.finetune.train_setup import Device, Job, TrainError
 
+log = logging.getLogger("stackwise.train")
 MAX_LOG_LINES = 50  # aim for about this many progress lines per run
 SAVE_FRACTION = 0.1  # checkpoint every ~10 % of the run ...
 SAVE_EVERY_MAX = 50  # ... and at least every 50 steps
@@ -46,6 +48,39 @@ def _checkpointing_arg(config_cls, enabled: bool) -> dict[str, bool]:
     """transformers >= 5.2x renamed ``gradient_checkpointing`` to ``activation_checkpointing``; use what exists."""
     names = _field_names(config_cls)
     return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
+
+
+class PartialCheckpointing:
+    """Gradient checkpointing on every ``every``-th decoder layer only (the first, the (every+1)-th, …; the
+    others keep their activations and skip the recomputation). The Trainer turns checkpointing on for every
+    layer as training starts; this callback then switches it off on the layers that do not need it — the same
+    choice as transformers' own ``every_n_layers`` (which the versions before 5.2x lack)."""
+
+    def __init__(self, every: int):
+        self.every = every
+        self.layers: tuple[int, int] = (0, 0)   # (checkpointed, of all), for the log and the tests
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        outer = self
+
+        class _Callback(TrainerCallback):
+            def on_train_begin(self, args, state, control, model=None, **kwargs):
+                if model is not None:
+                    outer.apply(model)
+
+        return _Callback()
+
+    def apply(self, model) -> tuple[int, int]:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        for index, layer in enumerate(layers):
+            layer.gradient_checkpointing = bool(layer.gradient_checkpointing) and index % self.every == 0
+        self.layers = (sum(bool(m.gradient_checkpointing) for m in layers), len(layers))
+        log.info("gradient checkpointing on %d of %d layers (every %d)", *self.layers, self.every)
+        return self.layers
 
 
 def sft_config(job: Job, device: Device, output_dir: Path, *, has_eval: bool):

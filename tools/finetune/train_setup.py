@@ -23,8 +23,8 @@ from tools.finetune.rundir import RunPaths
 from tools.finetune.spec import FinetuneSpec
 
 # Keys ``spec.json`` may hold besides the ``FinetuneSpec`` fields (see the contract).
-RUN_KEYS = ("base_model_path", "base_model_source", "job_id", "gradient_checkpointing", "preflight", "speed",
-            "sampling", "trial", "evaluate", "fsdp")
+RUN_KEYS = ("base_model_path", "base_model_source", "job_id", "gradient_checkpointing", "checkpoint_every",
+            "preflight", "speed", "sampling", "trial", "evaluate", "fsdp")
 ROW_KEYS = ("prompt", "completion")
 log = logging.getLogger("stackwise.finetune")
 
@@ -48,6 +48,7 @@ class Job:
     engine: Any = None         # tools.finetune.engines.EngineChoice once the model is loaded
     evaluate: bool = True      # the held-out evaluation after training (spec.json "evaluate": false skips it)
     fsdp: bool = False         # shard a full fine-tune over the GPUs (the preflight's choice when one GPU is too small)
+    checkpoint_every: int = 1  # with gradient checkpointing: only every n-th decoder layer (the preflight's choice)
 
 
 def _one_line(text: str) -> str:
@@ -113,6 +114,19 @@ def _wants_checkpointing(extras: dict[str, Any]) -> bool:
     return isinstance(preflight, dict) and preflight.get("gradient_checkpointing") is True
 
 
+def _checkpoint_every(extras: dict[str, Any]) -> int:
+    """Which decoder layers gradient checkpointing covers: every n-th (spec.json ``checkpoint_every``, else the
+    preflight's choice, else every layer)."""
+    preflight = extras.get("preflight")
+    vram = preflight.get("vram") if isinstance(preflight, dict) else None
+    value = extras.get("checkpoint_every", vram.get("checkpoint_every") if isinstance(vram, dict) else None)
+    if value is None:
+        return 1
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000:
+        raise TrainError(f"spec.json checkpoint_every must be a whole number from 1 to 1000, not {value!r}")
+    return value
+
+
 def read_rows(path: Path, *, required: bool) -> list[dict[str, str]]:
     """Read prepared JSONL rows (``prompt``, ``completion``, optional ``question``/``reference``)."""
     if not path.is_file():
@@ -169,6 +183,7 @@ def load_job(paths: RunPaths) -> Job:
         sampling=_sampling(extras),
         evaluate=extras.get("evaluate", True) is not False,
         fsdp=_wants_fsdp(extras, spec),
+        checkpoint_every=_checkpoint_every(extras),
     )
 
 
