@@ -7,6 +7,8 @@ Switches (``spec.json`` → ``"speed": {...}``, or :func:`speedups` defaults):
   chunks and never materialises the full ``batch × seq × vocab`` logits (at a 150k vocabulary those are the
   largest activation). Only for model types Liger knows (``MODEL_TYPE_TO_APPLY_LIGER_FN``).
 - ``fused_adamw``: PyTorch's fused AdamW (one kernel for all parameters; CUDA only).
+- ``fp8``: FP8 matmuls for the frozen base weights of a LoRA run (``tools/finetune/fp8.py``; compute capability
+  8.9+, off by default: not bit-equivalent to bf16).
 
 Each is on by default only where it was measured faster with the same loss (``evals/gpu/speed_bench.py``);
 a switch that cannot apply (no GPU, package missing, unknown model type) is reported and skipped, never fatal.
@@ -33,12 +35,12 @@ from typing import Any
 log = logging.getLogger("stackwise.train")
 
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
-SWITCHES = ("liger", "fused_adamw")
+SWITCHES = ("liger", "fused_adamw", "fp8")
 # Measured on the H200 (evals/gpu/README.md, LoRA r16, batch 4 × 2048, same loss within 0.01 %): Liger is
 # 1.13× faster at the 7.6B shape (and 0.77× the memory) but 0.85× at the 0.5B shape (small matmuls: its extra
 # kernel launches cost more than they save), so it is on by default from LIGER_MIN_PARAMS parameters; fused
 # AdamW measured no faster at either shape, so it is off.
-DEFAULTS = {"liger": None, "fused_adamw": False}     # None: decided by the model's size
+DEFAULTS = {"liger": None, "fused_adamw": False, "fp8": False}     # None: decided by the model's size
 LIGER_MIN_PARAMS = 3e9
 
 
@@ -48,6 +50,7 @@ class Speedups:
 
     liger: bool = False
     fused_adamw: bool = False
+    fp8: bool = False
 
     def __post_init__(self) -> None:
         self.applied: list[str] = []
@@ -71,7 +74,7 @@ def speedups(options: dict | None = None) -> Speedups:
     if bad:
         raise ValueError(f"speed options are true or false: {', '.join(bad)}")
     chosen = {**DEFAULTS, **options}
-    return Speedups(liger=bool(chosen["liger"]), fused_adamw=bool(chosen["fused_adamw"]))
+    return Speedups(liger=bool(chosen["liger"]), fused_adamw=bool(chosen["fused_adamw"]), fp8=bool(chosen["fp8"]))
 
 
 def choose(options: dict | None, *, total_params: int | None) -> Speedups:
@@ -104,6 +107,23 @@ def apply_before_load(speed: Speedups, model_type: str, *, cuda: bool) -> None:
     patch(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True)
     speed.applied.append("liger")
     log.info("liger kernels on for %s (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy)", model_type)
+
+
+def fp8_callback(speed: Speedups, method: str, *, cuda: bool):
+    """The Trainer callback that runs the frozen base weights in FP8, or ``None`` (why not: ``speed.skipped``)."""
+    if not speed.fp8:
+        return None
+    from tools.finetune import fp8
+
+    if method != "lora":
+        speed.skipped["fp8"] = ("only for LoRA: QLoRA's base weights are already 4-bit" if method == "qlora"
+                                else "only for LoRA: a full fine-tune trains the weights")
+        return None
+    reason = fp8.supported(cuda)
+    if reason:
+        speed.skipped["fp8"] = reason
+        return None
+    return fp8.callback(speed, offload=True)
 
 
 def optimizer_name(speed: Speedups, *, cuda: bool) -> str:

@@ -28,6 +28,7 @@ from typing import Any
 
 from tools.finetune.distributed import finish, keep_until_exit, leave, peer_failure, ranks, record_failure
 from tools.finetune.evaluate import HeldOutEvaluation
+from tools.finetune.speed import Speedups, fp8_callback
 from tools.finetune.tracking import TrackingCallback
 from tools.finetune.train_config import PartialCheckpointing, apply_schedule, fsdp_on, lora_config, sft_config
 from tools.finetune.train_progress import CancelFlag, ProgressCallback, gpu_mem_gb, run_logging
@@ -182,6 +183,10 @@ def _train(paths: RunPaths, resume: bool, cancel: CancelFlag, facts: _Facts) -> 
     callbacks = [progress, tracking]
     if job.gradient_checkpointing and job.checkpoint_every > 1 and not unsloth and not fsdp_on(job):
         callbacks.append(PartialCheckpointing(job.checkpoint_every).callback())   # only the layers memory needs
+    if isinstance(job.speed, Speedups) and not unsloth:
+        fp8 = fp8_callback(job.speed, spec.method, cuda=device.cuda)   # frozen base weights in FP8 (opt-in)
+        if fp8 is not None:
+            callbacks.append(fp8)
     trainer = SFTTrainer(
         model=model,
         args=sft_config(job, device, paths.checkpoints, has_eval=bool(job.eval_rows)),
@@ -214,6 +219,8 @@ def _train(paths: RunPaths, resume: bool, cancel: CancelFlag, facts: _Facts) -> 
              trainable, total, schedule.logging_steps, schedule.save_steps)
 
     trainer.train(resume_from_checkpoint=checkpoint)
+    if isinstance(job.speed, Speedups):    # what applied as training started (FP8) joins what applied at load time
+        facts.fields["speed"] = job.speed.to_dict()
     if progress.cancelled:
         raise _Cancelled
     sharded = fsdp_on(job)
