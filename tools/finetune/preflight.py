@@ -38,13 +38,14 @@ checkpointing is turned on for the fewest layers that make it fit (every n-th de
 their full k, and each recomputed layer costs 1/L of the full setting's slow-down. The partial setting's memory
 and speed are interpolated between the two measured ends (none, all), not measured yet.
 
-Time estimate = training tokens (real tokens, padding not counted; eval not counted) / tokens per second,
-where tokens/s on an H200 for LoRA follows the two measured points — Qwen2.5-0.5B shape 52k tokens/s,
-7B shape 9.9k tokens/s — as a power law in P between them (P^-0.606), as 1/P above 7.6B (compute-bound),
-capped at 250k tokens/s; × GPU factor (H200 1.0, H100 0.85, A100 0.35, RTX 4090 0.3, CPU 0.002 capped at
-20k tokens/s); × method factor (LoRA 1.0, QLoRA 0.9 — measured 0.76 at 0.5B, 1.09 at 7B —, full 0.7);
-× 0.71 with gradient checkpointing on every layer (7.0k / 9.9k measured; 1 / (1 + 0.41 × c / L) with c of
-L layers checkpointed).
+Time estimate = processed tokens / tokens per second: the training tokens (eval not counted) plus the padding each
+batch adds without packing (rows in random order, each batch padded to its longest row; simulated on the token
+lengths; with ``packing`` the rows are concatenated padding-free, so none), where tokens/s on an H200 for LoRA
+follows the two measured points — Qwen2.5-0.5B shape 52k tokens/s, 7B shape 9.9k tokens/s — as a power law in P
+between them (P^-0.606), as 1/P above 7.6B (compute-bound), capped at 250k tokens/s; × GPU factor (H200 1.0, H100
+0.85, A100 0.35, RTX 4090 0.3, CPU 0.002 capped at 20k tokens/s); × method factor (LoRA 1.0, QLoRA 0.9 — measured
+0.76 at 0.5B, 1.09 at 7B —, full 0.7); × 0.71 with gradient checkpointing on every layer (7.0k / 9.9k measured; 1
+/ (1 + 0.41 × c / L) with c of L layers checkpointed).
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ LIGER_SPEED = 1.16        # measured through the worker, 7B LoRA (12.7k vs 11.0k
 OVERHEAD_GIB = 2.0
 NF4_BYTES = 0.5 + 0.127 / 8
 FIT_SHARE = 0.95
+PACKING_HINT_PADDING = 0.25   # suggest packing from this share of padding in the processed tokens
 DP_EFFICIENCY = 0.95  # data-parallel scaling per GPU (DDP): measured 0.96 for 7B LoRA on 2 H200s (evals/gpu/README.md)
 # GPU kind → (throughput factor relative to H200, cap in tokens/s)
 GPU_KINDS = {"H200": (1.0, 250_000), "H100": (0.85, 220_000), "A100": (0.35, 120_000),
@@ -242,6 +244,7 @@ def _length_stats(data: PreparedData, spec, tokenizer) -> dict:
     def pct(q: float) -> int:
         return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)] if ordered else 0
 
+    padded = _padded_tokens(train_clipped, spec.batch_size, spec.seed) * len(data.train) / max(len(train_clipped), 1)
     cut = round(sum(n > spec.max_seq_len for n in lengths) * scale)
     train_prompts = [n for i, n in zip(picked, prompts, strict=True) if i < len(data.train)]
     full = sum(n >= spec.max_seq_len for n in train_prompts)
@@ -251,7 +254,16 @@ def _length_stats(data: PreparedData, spec, tokenizer) -> dict:
             "rows_cut_fraction": round(cut / max(len(rows), 1), 4),
             "prompt_median": sorted(prompts)[len(prompts) // 2] if prompts else 0,
             "rows_no_room": round(full * scale), "rows_no_room_fraction": round(full / max(len(train_prompts), 1), 4),
-            "tokens_per_epoch": round(per_train_row * len(data.train))}
+            "tokens_per_epoch": round(per_train_row * len(data.train)),
+            "padded_tokens_per_epoch": round(max(padded, per_train_row * len(data.train)))}
+
+
+def _padded_tokens(lengths: list[int], batch: int, seed: int) -> int:
+    """Tokens a GPU processes for one epoch of rows of ``lengths`` without packing: each batch (rows in random
+    order, as the Trainer samples them) is padded to its longest row."""
+    order = list(lengths)
+    random.Random(seed).shuffle(order)
+    return sum(len(chunk) * max(chunk) for chunk in (order[i:i + batch] for i in range(0, len(order), max(1, batch))))
 
 
 def data_parallel(spec, gpu: dict | None) -> int:
@@ -310,6 +322,15 @@ def preflight(spec, rows_or_path, tokenizer, model_config: dict | None, gpu: dic
     lengths = _length_stats(data, spec, tokenizer)
     gpus = data_parallel(spec, gpu)
     schedule = _schedule(spec, n_train, lengths["tokens_per_epoch"], gpus)
+    # what the GPU processes: padding included unless the rows are packed (padding-free)
+    padding = 0.0 if spec.packing else 1 - lengths["tokens_per_epoch"] / max(lengths["padded_tokens_per_epoch"], 1)
+    schedule["padding_fraction"] = round(padding, 4)
+    schedule["processed_tokens"] = round(schedule["total_tokens"] / (1 - padding)) if padding < 1 else 0
+    if padding >= PACKING_HINT_PADDING:
+        _warn(warnings, "info", "packing", f"About {padding:.0%} of the tokens each step processes are padding "
+                                           f"(batches of {spec.batch_size} rows of different lengths); packing: true "
+                                           "packs rows into full sequences without attention between them, about "
+                                           f"{1 / (1 - padding):.1f}× faster here.")
     if n_train + n_eval < 50:
         _warn(warnings, "warning", "tiny_dataset", f"Only {n_train + n_eval} rows: the model will barely change "
                                                    "and may just memorise them; a few hundred rows or more is typical.")
@@ -391,7 +412,7 @@ def _model_checks(result: dict, spec, config: dict, gpu: dict | None, lengths: d
                             checkpointing=vram["checkpointed_layers"] / vram["layers"])
     tps *= parallel_speedup(schedule["gpus"]) * (LIGER_SPEED if liger else 1.0)
     kind, known = gpu_kind(gpu)
-    seconds = schedule["total_tokens"] / tps
+    seconds = schedule["processed_tokens"] / tps
     result.update(params={k: params[k] for k in ("total", "trainable", "linear", "target_modules")} |
                   {"trainable_fraction": round(params["trainable"] / params["total"], 6), "method": spec.method},
                   vram=vram | {"per_gpu": True, "without_checkpointing_gb": plain["total_gb"],
@@ -402,7 +423,9 @@ def _model_checks(result: dict, spec, config: dict, gpu: dict | None, lengths: d
                                  + ("" if known else " (unknown GPU, assumed A100-class)")
                                  + (", × 1.16 with Liger kernels" if liger else "")
                                  + (f", × {parallel_speedup(schedule['gpus']):.2f} on {schedule['gpus']} GPUs"
-                                    if schedule["gpus"] > 1 else "")})
+                                    if schedule["gpus"] > 1 else "")
+                                 + (f"; {schedule['padding_fraction']:.0%} of the processed tokens are padding"
+                                    if schedule["padding_fraction"] >= 0.01 else "")})
     if gpu is None and seconds > 3600:
         _warn(warnings, "warning", "slow_on_cpu", f"On CPU this takes about {seconds / 3600:,.0f} h; use a GPU.")
 
