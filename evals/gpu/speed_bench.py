@@ -4,14 +4,25 @@ same GPU, with the same data and seed — tokens/s, peak memory, MFU and the los
 Each (shape, method, variant) runs in a fresh subprocess (Liger patches model classes process-wide), on a
 Qwen2-architecture model with random weights at the real shape (saved once per shape, so QLoRA loads it through
 bitsandbytes as a user's model would). The training step is the same in every variant: LoRA r16 α32 dropout
-0.05 on all linear layers (peft), bf16, SDPA attention, AdamW lr 2e-4, random token batches of ``--batch`` ×
-``--seq`` with the labels = the inputs. Variants add speed-ups from ``tools/finetune/speed.py``:
+``--dropout`` (0.05) on all linear layers (peft), bf16, SDPA attention, AdamW lr 2e-4, random token batches of
+``--batch`` × ``--seq`` with the labels = the inputs. Variants add speed-ups from ``tools/finetune/speed.py``:
 
     base        plain transformers + peft (the DESIGN §9 baseline)
     base_gc     + gradient checkpointing (non-reentrant)
     liger       + Liger kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy)
     liger_fused + fused AdamW
     liger_gc    liger_fused + gradient checkpointing (the memory-lean setting)
+    liger_ckpt2 liger + gradient checkpointing on every 2nd layer only (PartialCheckpointing; ckpt4: every 4th)
+    liger_fp8   liger + FP8 matmuls for the frozen base weights (tools/finetune/fp8.py; bf16 weights on the host)
+    liger_fp8_ckpt2 / liger_fp8_ckpt4   the same + checkpointing on every 2nd / 4th layer
+    fp8         base + FP8 frozen weights (no Liger)
+    liger_compile   liger + torch.compile of the whole model
+    packed      (with --lengths real) the same rows packed padding-free instead of padded batches
+
+``--lengths real`` trains rows of chain-of-thought-like lengths (log-normal, median 700 tokens, cut to --seq)
+instead of full-length random sequences: the baseline pads each batch of --batch rows to its longest row, the
+``packed`` variant concatenates rows into --batch × --seq tokens per step with position ids restarting per row;
+tokens/s then counts real (non-padding) tokens only.
 
     python evals/gpu/speed_bench.py --out OUT --configs 7b:lora,7b:qlora --variants base,liger,liger_fused
     (variants: base, base_gc, liger, liger_fused, liger_gc, unsloth, unsloth_gc — the last two when unsloth is
@@ -42,6 +53,15 @@ VARIANTS = {
     "liger": {"liger": True},
     "liger_fused": {"liger": True, "fused_adamw": True},
     "liger_gc": {"liger": True, "fused_adamw": True, "gc": True},
+    "liger_ckpt2": {"liger": True, "gc": True, "every": 2},
+    "liger_ckpt4": {"liger": True, "gc": True, "every": 4},
+    "fp8": {"fp8": True},
+    "liger_fp8": {"liger": True, "fp8": True},
+    "liger_fp8_ckpt2": {"liger": True, "fp8": True, "gc": True, "every": 2},
+    "liger_fp8_ckpt4": {"liger": True, "fp8": True, "gc": True, "every": 4},
+    "liger_compile": {"liger": True, "compile": True},
+    "packed": {"packed": True},
+    "liger_packed": {"liger": True, "packed": True},
     "unsloth": {"unsloth": True},                 # unsloth's FastLanguageModel (when installed; needs a GPU)
     "unsloth_gc": {"unsloth": True, "gc": True},  # ... with its own ("unsloth") gradient checkpointing
 }
@@ -67,15 +87,67 @@ def model_dir(shape: str, work: Path) -> Path:
 
 
 def unsloth_model(folder: Path, method: str, options: dict, args: argparse.Namespace):
-    """The same LoRA (r16, α32, dropout 0.05, all linear layers) built by unsloth's FastLanguageModel."""
+    """The same LoRA (r16, α32, --dropout, all linear layers) built by unsloth's FastLanguageModel."""
     import torch
     from unsloth import FastLanguageModel
 
     model, _ = FastLanguageModel.from_pretrained(model_name=str(folder), max_seq_length=args.seq, dtype=torch.bfloat16,
                                                  load_in_4bit=method == "qlora", local_files_only=True)
-    return FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0.05, target_modules=LORA_TARGETS,
+    return FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=args.dropout,
+                                            target_modules=LORA_TARGETS,
                                             bias="none", random_state=0,
                                             use_gradient_checkpointing="unsloth" if options.get("gc") else False)
+
+
+def row_lengths(args: argparse.Namespace, count: int) -> list[int]:
+    """Chain-of-thought-like row lengths: log-normal, median 700 tokens, between 64 and ``--seq``."""
+    import random
+
+    rng = random.Random(0)
+    return [max(64, min(args.seq, round(rng.lognormvariate(6.55, 0.6)))) for _ in range(count)]
+
+
+def make_batches(vocab: int, args: argparse.Namespace, *, packed: bool) -> list[dict]:
+    """The steps' inputs. Full-length random sequences (labels = inputs), or with ``--lengths real`` the same
+    stream of rows either padded per batch (attention mask, padding labelled -100) or packed padding-free into
+    ``batch × seq`` tokens per step (position ids restart at each row; a row's first token predicts nothing)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    steps = args.warmup + args.steps
+    if args.lengths == "full":
+        out = []
+        for _ in range(steps):
+            ids = torch.randint(0, vocab, (args.batch, args.seq), generator=generator)
+            out.append({"input_ids": ids, "labels": ids})
+        return out
+    lengths = iter(row_lengths(args, steps * args.batch * 8))
+    rows = (torch.randint(0, vocab, (n,), generator=generator) for n in lengths)
+    out = []
+    for _ in range(steps):
+        if packed:
+            budget, parts = args.batch * args.seq, []
+            while True:
+                row = next(rows)
+                if sum(len(p) for p in parts) + len(row) > budget:
+                    break
+                parts.append(row)
+            ids = torch.cat(parts)[None]
+            positions = torch.cat([torch.arange(len(p)) for p in parts])[None]
+            labels = ids.clone()
+            labels[positions == 0] = -100
+            out.append({"input_ids": ids, "position_ids": positions, "labels": labels, "real_tokens": ids.numel()})
+        else:
+            parts = [next(rows) for _ in range(args.batch)]
+            longest = max(len(p) for p in parts)
+            ids = torch.zeros(args.batch, longest, dtype=torch.long)
+            mask = torch.zeros(args.batch, longest, dtype=torch.long)
+            for i, p in enumerate(parts):
+                ids[i, : len(p)], mask[i, : len(p)] = p, 1
+            labels = ids.masked_fill(mask == 0, -100)
+            out.append({"input_ids": ids, "attention_mask": mask, "labels": labels,
+                        "real_tokens": int(mask.sum())})
+    return out
 
 
 def run_one(shape: str, method: str, variant: str, args: argparse.Namespace) -> dict:
@@ -92,7 +164,8 @@ def run_one(shape: str, method: str, variant: str, args: argparse.Namespace) -> 
     cuda = torch.cuda.is_available()      # a CPU dry run of the script when there is no GPU
     folder = Path(args.work) / f"model-{shape}"
     config = AutoConfig.from_pretrained(folder).to_dict()
-    speed = Speedups(liger=options.get("liger", False), fused_adamw=options.get("fused_adamw", False))
+    speed = Speedups(liger=options.get("liger", False), fused_adamw=options.get("fused_adamw", False),
+                     fp8=options.get("fp8", False))
     apply_before_load(speed, config["model_type"], cuda=cuda)
     kwargs = {"dtype": torch.bfloat16 if cuda else torch.float32, "attn_implementation": "sdpa"}
     if method == "qlora":
@@ -111,37 +184,54 @@ def run_one(shape: str, method: str, variant: str, args: argparse.Namespace) -> 
         if options.get("gc"):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=args.dropout,
                                                  target_modules="all-linear", task_type="CAUSAL_LM"))
+        if options.get("every"):
+            from tools.finetune.train_config import PartialCheckpointing
+
+            PartialCheckpointing(options["every"]).apply(model)
+        if options.get("fp8"):
+            from tools.finetune import fp8
+
+            reason = fp8.supported(cuda)
+            if reason:
+                speed.skipped["fp8"] = reason
+            else:
+                fp8.enable(model, offload=True)
+                speed.applied.append("fp8")
+        if options.get("compile"):
+            model = torch.compile(model)
+    model.config.use_cache = False
     model.train()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     params = [p for p in model.parameters() if p.requires_grad]
     fused = optimizer_name(speed, cuda=cuda) == "adamw_torch_fused"
     optimizer = torch.optim.AdamW(params, lr=2e-4, fused=fused) if fused else torch.optim.AdamW(params, lr=2e-4)
-    generator = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, config["vocab_size"], (args.batch, args.seq), generator=generator)
-               for _ in range(args.warmup + args.steps)]
+    batches = make_batches(config["vocab_size"], args, packed=bool(options.get("packed")))
     torch.manual_seed(0)
-    losses, started = [], None
+    losses, started, real_tokens = [], None, 0
     for step, batch in enumerate(batches):
         if step == args.warmup:
             if cuda:
                 torch.cuda.synchronize()
             started = time.perf_counter()
-        ids = batch.cuda(non_blocking=True) if cuda else batch
-        loss = model(input_ids=ids, labels=ids).loss
+        inputs = {k: (v.cuda(non_blocking=True) if cuda else v) for k, v in batch.items()}
+        loss = model(**inputs).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
+        if step >= args.warmup:
+            real_tokens += int(batch["real_tokens"]) if "real_tokens" in batch else batch["input_ids"].numel()
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
-    tokens_per_s = args.batch * args.seq * args.steps / seconds
+    tokens_per_s = real_tokens / seconds
     per_token = flops_per_token(config, seq_len=args.seq, trainable=trainable, full=False)
     gpu = torch.cuda.get_device_name(0) if cuda else "cpu"
     return {"shape": shape, "method": method, "variant": variant, "gpu": gpu, "batch": args.batch,
             "seq": args.seq, "steps": args.steps, "warmup": args.warmup, "tokens_per_s": round(tokens_per_s, 1),
+            "lengths": args.lengths, "dropout": args.dropout,
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else 0.0,
             "mfu": round(mfu(tokens_per_s, per_token, gpu) or 0.0, 4), "flops_per_token": per_token,
             "final_loss": round(sum(losses[-5:]) / len(losses[-5:]), 5), "losses": [round(x, 5) for x in losses],
@@ -158,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--qlora-batch", type=int, default=None, help="batch for QLoRA configs (default --batch)")
     parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--lengths", choices=("full", "real"), default="full",
+                        help="full-length random rows, or chain-of-thought-like lengths (padded vs packed)")
+    parser.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (0 saves memory)")
     parser.add_argument("--work", default="/tmp/sw-speed")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -182,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         for variant in args.variants.split(","):
             cmd = [sys.executable, __file__, "--one", f"{shape}:{method}:{variant}", "--out", str(out),
                    "--work", str(work), "--steps", str(args.steps), "--warmup", str(args.warmup),
-                   "--batch", str(batch), "--seq", str(args.seq)]
+                   "--batch", str(batch), "--seq", str(args.seq), "--lengths", args.lengths,
+                   "--dropout", str(args.dropout)]
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=os.environ)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             row = json.loads(line[7:]) if line else {"shape": shape, "method": method, "variant": variant,
@@ -190,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             (out / f"speed-{shape}-{method}.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
         base = next((r for r in rows if r["variant"] == "base" and "error" not in r), None)
-        print(f"\n{shape} {method}, batch {batch} × {args.seq}, {args.steps} timed steps")
+        print(f"\n{shape} {method}, batch {batch} × {args.seq} ({args.lengths} lengths), LoRA dropout "
+              f"{args.dropout:g}, {args.steps} timed steps")
         print(f"{'variant':<12} {'tokens/s':>9} {'×base':>6} {'peak GiB':>9} {'×base':>6} {'MFU':>6} "
               f"{'loss':>9} {'Δloss':>8}  notes")
         for r in rows:
