@@ -123,7 +123,7 @@ def test_lora_run_learns_and_writes_the_contract_files(tiny, tmp_path):
     assert summary["final_loss"] == lines[-1]["loss"] and summary["eval_loss"] == lines[-1]["eval_loss"]
     assert 0 < summary["trainable_params"] < summary["total_params"]
     assert summary["tokens_per_s"] > 0 and summary["train_seconds"] > 0 and summary["peak_gpu_mem_gb"] is None
-    assert summary["speed"] == {"liger": False, "fused_adamw": False, "applied": [], "skipped": {}}  # tiny, CPU
+    assert summary["speed"] == {"liger": False, "fused_adamw": False, "fp8": False, "applied": [], "skipped": {}}
     assert summary["artifacts"] == {"adapter": str(run_dir / "adapter"), "merged": None,
                                     "comparison": str(run_dir / "comparison.json")}
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("checkpoint-*"))
