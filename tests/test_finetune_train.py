@@ -123,7 +123,8 @@ def test_lora_run_learns_and_writes_the_contract_files(tiny, tmp_path):
     assert summary["final_loss"] == lines[-1]["loss"] and summary["eval_loss"] == lines[-1]["eval_loss"]
     assert 0 < summary["trainable_params"] < summary["total_params"]
     assert summary["tokens_per_s"] > 0 and summary["train_seconds"] > 0 and summary["peak_gpu_mem_gb"] is None
-    assert summary["speed"] == {"liger": False, "fused_adamw": False, "fp8": False, "applied": [], "skipped": {}}
+    assert summary["speed"] == {"liger": False, "fused_adamw": False, "fp8": False, "compile": False, "applied": [],
+                                "skipped": {}}
     assert summary["artifacts"] == {"adapter": str(run_dir / "adapter"), "merged": None,
                                     "comparison": str(run_dir / "comparison.json")}
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("checkpoint-*"))
@@ -302,3 +303,21 @@ def test_speed_choices_follow_the_measured_defaults_and_say_why_not():
     assert 2.9e10 < per_token < 3.1e10
     assert mfu(10_000, per_token, "NVIDIA H200") == pytest.approx(10_000 * per_token / 989e12)
     assert mfu(10_000, per_token, "Some GPU") is None
+
+
+def test_off_by_default_switches_reach_the_trainer_only_where_they_apply(tiny, tmp_path):
+    from tools.finetune.rundir import RunPaths
+    from tools.finetune.speed import speedups
+    from tools.finetune.train_config import _speed_args
+    from tools.finetune.train_setup import Device, Job, load_job
+
+    assert not any((speedups().compile, speedups().fp8, speedups().fused_adamw))
+    job: Job = load_job(RunPaths(make_run(tmp_path, tiny)))
+    job.speed = speedups({"compile": True, "fused_adamw": True})
+    gpu = _speed_args(job, Device(cuda=True, bf16=True))
+    assert gpu["torch_compile"] is True and gpu["optim"] == "adamw_torch_fused"
+    assert job.speed.applied == ["fused_adamw", "compile"]
+    job.speed = speedups({"compile": True, "fused_adamw": True})
+    cpu = _speed_args(job, Device(cuda=False, bf16=False))
+    assert "torch_compile" not in cpu and cpu["optim"] == "adamw_torch"
+    assert set(job.speed.skipped) == {"compile", "fused_adamw"} and not job.speed.applied

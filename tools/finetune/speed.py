@@ -7,6 +7,7 @@ Switches (``spec.json`` → ``"speed": {...}``, or :func:`speedups` defaults):
   chunks and never materialises the full ``batch × seq × vocab`` logits (at a 150k vocabulary those are the
   largest activation). Only for model types Liger knows (``MODEL_TYPE_TO_APPLY_LIGER_FN``).
 - ``fused_adamw``: PyTorch's fused AdamW (one kernel for all parameters; CUDA only).
+- ``compile``: ``torch.compile`` of the model through the Trainer (``torch_compile``; CUDA only).
 - ``fp8``: FP8 matmuls for the frozen base weights of a LoRA run (``tools/finetune/fp8.py``; compute capability
   8.9+, off by default: not bit-equivalent to bf16).
 
@@ -35,12 +36,12 @@ from typing import Any
 log = logging.getLogger("stackwise.train")
 
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
-SWITCHES = ("liger", "fused_adamw", "fp8")
+SWITCHES = ("liger", "fused_adamw", "fp8", "compile")
 # Measured on the H200 (evals/gpu/README.md, LoRA r16, batch 4 × 2048, same loss within 0.01 %): Liger is
 # 1.13× faster at the 7.6B shape (and 0.77× the memory) but 0.85× at the 0.5B shape (small matmuls: its extra
 # kernel launches cost more than they save), so it is on by default from LIGER_MIN_PARAMS parameters; fused
 # AdamW measured no faster at either shape, so it is off.
-DEFAULTS = {"liger": None, "fused_adamw": False, "fp8": False}     # None: decided by the model's size
+DEFAULTS = {"liger": None, "fused_adamw": False, "fp8": False, "compile": False}  # None: by the model's size
 LIGER_MIN_PARAMS = 3e9
 
 
@@ -51,6 +52,7 @@ class Speedups:
     liger: bool = False
     fused_adamw: bool = False
     fp8: bool = False
+    compile: bool = False
 
     def __post_init__(self) -> None:
         self.applied: list[str] = []
@@ -74,7 +76,8 @@ def speedups(options: dict | None = None) -> Speedups:
     if bad:
         raise ValueError(f"speed options are true or false: {', '.join(bad)}")
     chosen = {**DEFAULTS, **options}
-    return Speedups(liger=bool(chosen["liger"]), fused_adamw=bool(chosen["fused_adamw"]), fp8=bool(chosen["fp8"]))
+    return Speedups(liger=bool(chosen["liger"]), fused_adamw=bool(chosen["fused_adamw"]), fp8=bool(chosen["fp8"]),
+                    compile=bool(chosen["compile"]))
 
 
 def choose(options: dict | None, *, total_params: int | None) -> Speedups:

@@ -158,6 +158,11 @@ def _speed_args(job: Job, device: Device) -> dict:
     args: dict = {"use_liger_kernel": bool(speed.liger)}
     if speed.fused_adamw:           # otherwise the Trainer's own default optimizer
         args["optim"] = optimizer_name(speed, cuda=device.cuda)
+    if speed.compile and device.cuda:
+        args["torch_compile"] = True     # the Trainer compiles the model (inductor) as training starts
+        speed.applied.append("compile")
+    elif speed.compile:
+        speed.skipped["compile"] = "needs a CUDA GPU (compiling for CPU costs more than it saves here)"
     return args
 
 
