@@ -286,17 +286,17 @@ def main(argv: list[str] | None = None) -> int:
         base = next((r for r in rows if r["variant"] == "base" and "error" not in r), None)
         print(f"\n{shape} {method}, batch {batch} × {args.seq} ({args.lengths} lengths), LoRA dropout "
               f"{args.dropout:g}, {args.steps} timed steps")
-        print(f"{'variant':<12} {'tokens/s':>9} {'×base':>6} {'peak GiB':>9} {'×base':>6} {'MFU':>6} "
+        print(f"{'variant':<16} {'tokens/s':>9} {'×base':>6} {'peak GiB':>9} {'×base':>6} {'MFU':>6} "
               f"{'loss':>9} {'Δloss':>8}  notes")
         for r in rows:
             if "error" in r:
-                print(f"{r['variant']:<12} error: {r['error'][:300]}")
+                print(f"{r['variant']:<16} error: {r['error'][:300]}")
                 continue
             speedup = r["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
             memory = r["peak_gib"] / base["peak_gib"] if base and base["peak_gib"] else float("nan")
             dloss = (r["final_loss"] - base["final_loss"]) / base["final_loss"] if base else float("nan")
             notes = ", ".join(f"{k}: {v}" for k, v in r["speed"]["skipped"].items())
-            print(f"{r['variant']:<12} {r['tokens_per_s']:>9.0f} {speedup:>6.2f} {r['peak_gib']:>9.2f} "
+            print(f"{r['variant']:<16} {r['tokens_per_s']:>9.0f} {speedup:>6.2f} {r['peak_gib']:>9.2f} "
                   f"{memory:>6.2f} {r['mfu']:>6.1%} {r['final_loss']:>9.4f} {dloss:>+8.2%}  {notes}", flush=True)
     return 0
 
