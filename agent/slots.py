@@ -95,6 +95,17 @@ _EMBED_MODELS = re.compile(
     r"text2vec|paraphrase-|labse|distiluse)[\w.-]{0,60}|use-multilingual(?:-v3)?|usem3)", re.IGNORECASE
 )
 # "using nomic-embed-text-v1.5", "用 text-embedding-3-small": a model-looking name after a using-phrase.
+# "with packing" / "packing: true" / "开启打包"; "no packing" / "不要打包" (turned off). Bare "打包" is left alone:
+# it also means bundling an export.
+_PACKING_OFF = re.compile(
+    r"\b(?:no|without|disable|turn(?:ing)?\s+off|don'?t\s+(?:use\s+)?|not)\s+(?:sequence\s+|row\s+)?packing\b"
+    r"|\bpacking\s*[:=]\s*(?:false|off|no|0)\b|不(?:要|用|做|开启|启用)?(?:序列|样本)?(?:打包|packing)"
+    r"|关闭(?:序列|样本)?(?:打包|packing)", re.IGNORECASE)
+_PACKING_ON = re.compile(
+    r"\b(?:with|use|using|enable|turn(?:ing)?\s+on|and)\s+(?:sequence\s+|row\s+|sample\s+)?packing\b"
+    r"|\bsequence\s+packing\b|\bpack(?:ing)?\s+(?:the\s+)?(?:rows|sequences|samples|examples)\b"
+    r"|\bpacking\s*[:=]\s*(?:true|on|yes|1)\b"
+    r"|(?:开启|启用|使用|用|加上|打开)\s*(?:序列|样本)?(?:打包|packing)|(?:序列|样本)打包|打包训练", re.IGNORECASE)
 _MODEL_AFTER = re.compile(r"(?:\busing|\bwith|\bvia|\bmodel|用|使用|模型)\s*[:：]?\s*[`'\"]?"
                           r"([A-Za-z][\w.-]{0,80}(?:/[\w.-]{1,80})?)(?=$|[\s,，。?？!！)）])", re.IGNORECASE)
 _PAIR_EN = [
@@ -261,6 +272,10 @@ def extract_slots(text: str, lang: str = "en") -> dict[str, Any]:
         slots["method"] = "full"
     elif "lora" in low:
         slots["method"] = "lora"
+    if _PACKING_OFF.search(text):
+        slots["packing"] = False
+    elif _PACKING_ON.search(text):
+        slots["packing"] = True
     gguf = re.search(r"gguf|ollama|llama[.-]?cpp|llama-server", low)     # export_finetune's format
     if gguf or "vllm" in low:
         slots["format"] = "all" if gguf and "vllm" in low else "gguf" if gguf else "vllm"

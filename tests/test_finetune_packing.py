@@ -111,3 +111,34 @@ def test_preflight_counts_padding_and_suggests_packing():
     even = preflight(FinetuneSpec(**base), {"train": [{"prompt": "q " * 20, "completion": "a " * 30}] * 100,
                                             "eval": []}, None, QWEN_7B, H200)
     assert even["training"]["padding_fraction"] < 0.05 and not any(w["code"] == "packing" for w in even["warnings"])
+
+
+def test_the_packing_hint_speaks_the_users_language_and_says_how():
+    from tools.finetune.declare import preflight_lines
+
+    base = dict(base_model="m", dataset="d.jsonl", method="lora", batch_size=8, max_seq_len=2048)
+    report = preflight(FinetuneSpec(**base), mixed_rows(), None, QWEN_7B, H200)
+    report["model"] = {"requested": "m", "source": "local"}
+    speedup = 1 / (1 - report["training"]["padding_fraction"])
+    en = " ".join(preflight_lines(report, "en")["warnings"])
+    zh = " ".join(preflight_lines(report, "zh")["warnings"])
+    assert f"{speedup:.1f}× faster" in en and "with packing" in en
+    assert f"约快 {speedup:.1f} 倍" in zh and "用 packing" in zh and "{" not in zh
+
+
+@pytest.mark.parametrize("text, packing", [
+    ("fine-tune Qwen2.5-0.5B on data.jsonl with packing", True),
+    ("fine-tune Qwen2.5-0.5B on data.jsonl, packing: true", True),
+    ("pack the rows, then fine-tune", True),
+    ("fine-tune it without packing", False),
+    ("packing=false please", False),
+    ("用 lora 微调 Qwen2.5-0.5B，数据 data.jsonl，开启打包", True),
+    ("用 packing 重新提交", True),
+    ("不要打包", False),
+    ("把 ft-3 打包成 gguf", None),         # bundling an export, not sequence packing
+    ("install the package first", None),
+])
+def test_packing_is_understood_in_both_languages(text, packing):
+    from agent.slots import extract_slots
+
+    assert extract_slots(text).get("packing") is packing

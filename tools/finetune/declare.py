@@ -26,6 +26,8 @@ ZH_WARNINGS = {
     "seq_beyond_model": "max_seq_len 超过了模型的 max_position_embeddings。",
     "slow_on_cpu": "在 CPU 上会非常慢，请使用 GPU。",
     "no_chat_template": "模型没有对话模板，提示词使用简单的 '### User:' 格式。",
+    "packing": "每步处理的 token 中约 {padding:.0%} 是填充（每批 {batch} 行，长短不一）。把行无填充地拼接（packing: "
+               "true，行与行之间互不注意）这里约快 {speedup:.1f} 倍——回复“否”，再加上“用 packing”重新提交。",
 }
 
 
@@ -98,7 +100,7 @@ def _warning(w: dict, report: dict, zh: bool) -> str:
     if not zh or w["code"] not in ZH_WARNINGS:
         return w["message"]
     return ZH_WARNINGS[w["code"]].format(rows=report["rows"]["total"], cut=report["rows_cut"],
-                                         msl=report["max_seq_len"])
+                                         msl=report["max_seq_len"], **w.get("data", {}))
 
 
 def _launch_check(args: FinetuneSpec, ctx: ToolContext) -> dict:
