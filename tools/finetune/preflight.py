@@ -324,10 +324,11 @@ def preflight(spec, rows_or_path, tokenizer, model_config: dict | None, gpu: dic
     gpus = data_parallel(spec, gpu)
     schedule = _schedule(spec, n_train, lengths["tokens_per_epoch"], gpus)
     # what the GPU processes: padding included unless the rows are packed (padding-free)
-    padding = 0.0 if spec.packing else 1 - lengths["tokens_per_epoch"] / max(lengths["padded_tokens_per_epoch"], 1)
+    padded = lengths["padded_tokens_per_epoch"]
+    padding = 0.0 if spec.packing or padded <= 0 else 1 - lengths["tokens_per_epoch"] / padded
     schedule["padding_fraction"] = round(padding, 4)
-    schedule["processed_tokens"] = round(schedule["total_tokens"] / (1 - padding)) if padding < 1 else 0
-    if padding >= PACKING_HINT_PADDING:
+    schedule["processed_tokens"] = round(schedule["total_tokens"] / (1 - padding))
+    if PACKING_HINT_PADDING <= padding < 1:
         _warn(warnings, "info", "packing", f"About {padding:.0%} of the tokens each step processes are padding "
                                            f"(batches of {spec.batch_size} rows of different lengths). Packing the "
                                            "rows padding-free (packing: true; no attention between rows) would be "
