@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
 
-from evals.gpu.speed_bench import VARIANTS, model_dir  # noqa: E402
+from evals.gpu.speed_bench import VARIANTS, apply_variant, model_dir  # noqa: E402
 
 TOLERANCE = 1.5     # × plain bf16's error
 
@@ -56,19 +56,7 @@ def run_one(variant: str, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
                                              task_type="CAUSAL_LM", init_lora_weights=False))
-    if options.get("every"):
-        from tools.finetune.train_config import PartialCheckpointing
-
-        PartialCheckpointing(options["every"]).apply(model)
-    if options.get("fp8"):
-        from tools.finetune import fp8
-
-        reason = fp8.supported(cuda)
-        if reason:
-            speed.skipped["fp8"] = reason
-        else:
-            fp8.enable(model, offload=False)
-            speed.applied.append("fp8")
+    model = apply_variant(model, options, speed, cuda=cuda, offload=False)
     model.config.use_cache = False
     model.train()
     generator = torch.Generator().manual_seed(1)
@@ -159,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             ratio, within = float("nan"), row["grad_rel_err"] <= 1e-5
         row["vs_bf16"] = ratio
         verdict = "reference" if row is reference else "bf16 tolerance" if row["variant"] == "bf16" else \
-            "within" if within else "OUTSIDE"
+            "not applied" if row["speed"]["skipped"] else "within" if within else "OUTSIDE"
         notes = ", ".join(f"{k}: {v}" for k, v in row["speed"]["skipped"].items())
         print(f"{row['variant']:<16} {row['loss']:>9.4f} {row['loss_rel_diff']:>+9.3%} {row['grad_rel_err']:>9.2e} "
               f"{row['cosine']:>8.5f} {ratio:>7.2f}  {verdict}{'; ' + notes if notes else ''}", flush=True)

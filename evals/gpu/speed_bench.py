@@ -99,6 +99,29 @@ def unsloth_model(folder: Path, method: str, options: dict, args: argparse.Names
                                             use_gradient_checkpointing="unsloth" if options.get("gc") else False)
 
 
+def apply_variant(model, options: dict, speed, *, cuda: bool, offload: bool):
+    """The speed-ups a variant adds to a built LoRA model: partial checkpointing (``every``), FP8 frozen weights
+    (``fp8``; recorded in ``speed``), ``torch.compile`` (``compile``). Returns the model to train."""
+    if options.get("every"):
+        from tools.finetune.train_config import PartialCheckpointing
+
+        PartialCheckpointing(options["every"]).apply(model)
+    if options.get("fp8"):
+        from tools.finetune import fp8
+
+        reason = fp8.supported(cuda)
+        if reason:
+            speed.skipped["fp8"] = reason
+        else:
+            fp8.enable(model, offload=offload)
+            speed.applied.append("fp8")
+    if options.get("compile"):
+        import torch
+
+        model = torch.compile(model)
+    return model
+
+
 def row_lengths(args: argparse.Namespace, count: int) -> list[int]:
     """Chain-of-thought-like row lengths: log-normal, median 700 tokens, between 64 and ``--seq``."""
     import random
@@ -186,21 +209,7 @@ def run_one(shape: str, method: str, variant: str, args: argparse.Namespace) -> 
             model.enable_input_require_grads()
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=args.dropout,
                                                  target_modules="all-linear", task_type="CAUSAL_LM"))
-        if options.get("every"):
-            from tools.finetune.train_config import PartialCheckpointing
-
-            PartialCheckpointing(options["every"]).apply(model)
-        if options.get("fp8"):
-            from tools.finetune import fp8
-
-            reason = fp8.supported(cuda)
-            if reason:
-                speed.skipped["fp8"] = reason
-            else:
-                fp8.enable(model, offload=True)
-                speed.applied.append("fp8")
-        if options.get("compile"):
-            model = torch.compile(model)
+        model = apply_variant(model, options, speed, cuda=cuda, offload=True)
     model.config.use_cache = False
     model.train()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
