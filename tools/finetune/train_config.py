@@ -54,7 +54,7 @@ class PartialCheckpointing:
     """Gradient checkpointing on every ``every``-th decoder layer only (the first, the (every+1)-th, …; the
     others keep their activations and skip the recomputation). The Trainer turns checkpointing on for every
     layer as training starts; this callback then switches it off on the layers that do not need it — the same
-    choice as transformers' own ``every_n_layers`` (which the versions before 5.2x lack)."""
+    choice as transformers' own ``every_n_layers``, which not every transformers version we run has."""
 
     def __init__(self, every: int):
         self.every = every
