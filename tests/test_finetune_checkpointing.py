@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from runs import tiny_lora_model
 from shapes import QWEN_7B
 
 from tools.finetune.preflight import (
@@ -97,16 +98,6 @@ def tiny4(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny4", layers=4)
 
 
-def lora_model(path: Path):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
-                                            init_lora_weights=False))
-
-
 def grads_and_calls(model, ids):
     """LoRA gradients of one step, and how often each decoder layer's MLP ran (twice when recomputed: the layer's
     own hooks stay outside the checkpoint, its submodules' run again)."""
@@ -128,10 +119,10 @@ def test_partial_checkpointing_recomputes_only_its_layers_with_the_same_gradient
     from tools.finetune.train_config import PartialCheckpointing
 
     ids = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(1))
-    reference, calls = grads_and_calls(lora_model(tiny4), ids)
+    reference, calls = grads_and_calls(tiny_lora_model(tiny4), ids)
     assert calls == [1, 1, 1, 1]
 
-    model = lora_model(tiny4)
+    model = tiny_lora_model(tiny4)
     model.base_model.model.activation_checkpointing_enable({"use_reentrant": False})   # as the Trainer does
     assert PartialCheckpointing(2).apply(model) == (2, 4)
     grads, calls = grads_and_calls(model, ids)

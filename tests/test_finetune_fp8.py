@@ -14,6 +14,8 @@ pytest.importorskip("peft")
 if not hasattr(torch, "_scaled_mm") or not hasattr(torch, "float8_e4m3fn"):
     pytest.skip("this PyTorch has no FP8 matmul", allow_module_level=True)
 
+from runs import tiny_lora_model  # noqa: E402
+
 from tools.finetune import fp8  # noqa: E402
 from tools.finetune.speed import Speedups, fp8_callback, speedups  # noqa: E402
 
@@ -53,16 +55,6 @@ def test_fp8_linear_forward_and_input_gradient_match_the_plain_matmul():
     assert x.grad.shape == ref_x.grad.shape and rel(x.grad, ref_x.grad) < 0.05
 
 
-def lora_model(path: Path):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
-                                            init_lora_weights=False))
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     from tools.finetune.tiny import build_tiny_model
@@ -71,7 +63,7 @@ def tiny(tmp_path_factory) -> Path:
 
 
 def test_switching_a_lora_model_to_fp8_and_back(tiny):
-    model = lora_model(tiny)
+    model = tiny_lora_model(tiny)
     ids = torch.randint(3, 200, (2, 20), generator=torch.Generator().manual_seed(2))
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
 

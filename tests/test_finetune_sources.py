@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import runs
 
 from tools.base import ToolContext, ToolError
 from tools.finetune.launch import queue_job
@@ -67,13 +68,8 @@ def ms_cache(tmp_path, monkeypatch) -> Path:
 
 
 def fake_hub_cache(root: Path, repo_id: str, model: Path) -> Path:
-    """The hub cache layout (refs/main → snapshots/<commit>/) holding a copy of ``model``."""
-    repo = root / f"models--{repo_id.replace('/', '--')}"
-    commit = "1" * 40
-    shutil.copytree(model, repo / "snapshots" / commit)
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit, encoding="utf-8")
-    return repo / "snapshots" / commit
+    """The hub cache layout holding a copy of ``model`` (another commit than the tools tests' caches)."""
+    return runs.fake_hub_cache(root, repo_id, model, commit="1" * 40)
 
 
 def worker_run(root: Path, source: dict | str | None, *, path: str = "/nowhere/on/this/worker") -> Path:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from runs import fake_hub_cache
 
 from agent import Agent, Settings
 from bots.cli import main
@@ -270,16 +271,6 @@ def test_cancel_a_queued_job_and_a_running_one(capsys, cwd, stackwise_home):
 
 
 # ---- models from an offline cache -------------------------------------------------------------------------
-
-def fake_hub_cache(root: Path, repo_id: str, model: Path) -> Path:
-    """The hub cache layout (refs/main → snapshots/<commit>/) holding a copy of ``model``."""
-    repo = root / f"models--{repo_id.replace('/', '--')}"
-    commit = "0" * 40
-    shutil.copytree(model, repo / "snapshots" / commit)
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit, encoding="utf-8")
-    return repo / "snapshots" / commit
-
 
 def test_hub_ids_resolve_from_the_local_cache_only(cwd, tmp_path, stackwise_home):
     snapshot = fake_hub_cache(tmp_path / "hub", "Qwen/Qwen2.5-0.5B", cwd / "tiny-model")

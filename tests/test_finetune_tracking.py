@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from runs import write_run
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("trl")
@@ -49,26 +50,9 @@ def quiet_trackers(tmp_path, monkeypatch) -> Path:
 
 def make_run(root: Path, model: Path, job_id: str = "ft-1", **spec) -> Path:
     """A run directory per the contract (spec.json, prepared data/train.jsonl and data/eval.jsonl)."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model)
-
-    def row(i: int) -> str:
-        word = WORDS[i % len(WORDS)]
-        question = f"Say {word} twice."
-        prompt = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                         add_generation_prompt=True)
-        return json.dumps({"prompt": prompt, "completion": f"{word} {word}{tok.eos_token}", "question": question,
-                           "reference": f"{word} {word}"}) + "\n"
-
-    run_dir = root / job_id
-    (run_dir / "data").mkdir(parents=True)
-    (run_dir / "data" / "train.jsonl").write_text("".join(row(i) for i in range(16)))
-    (run_dir / "data" / "eval.jsonl").write_text("".join(row(i) for i in range(2)))
-    fields = {"base_model": "tiny-llama", "dataset": "words.jsonl", "method": "lora", "lora_rank": 8,
-              "learning_rate": 5e-3, "batch_size": 4, "max_seq_len": 128, "seed": 7, "max_steps": 4, **spec}
-    (run_dir / "spec.json").write_text(json.dumps({**fields, "base_model_path": str(model), "job_id": job_id}))
-    return run_dir
+    write_run(root / job_id, model, rows=16, eval_rows=2, job_id=job_id, words=WORDS,
+              **{"dataset": "words.jsonl", "max_steps": 4, **spec})
+    return root / job_id
 
 
 def wandb_records(path: Path) -> list:

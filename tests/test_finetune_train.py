@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from runs import write_run
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("trl")
@@ -32,7 +33,6 @@ PROGRESS_KEYS = {"time", "step", "total", "epoch", "loss", "eval_loss", "lr", "t
 SUMMARY_KEYS = {"status", "speed", "steps", "total_steps", "final_loss", "eval_loss", "train_seconds", "tokens_per_s",
                 "peak_gpu_mem_gb", "trainable_params", "total_params", "error", "artifacts", "gpus", "global_batch",
                 "engine", "evaluation", "tracking"}
-WORDS = ("red", "blue", "green", "cat", "dog", "sun")
 
 
 @pytest.fixture(scope="module")
@@ -43,27 +43,8 @@ def tiny(tmp_path_factory) -> Path:
 
 def make_run(root: Path, model: Path, *, rows: int = 40, eval_rows: int = 4, **spec) -> Path:
     """A run directory per the contract: spec.json and prepared data/train.jsonl, data/eval.jsonl."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model)
-
-    def row(i: int) -> dict:
-        word = WORDS[i % len(WORDS)]
-        question = f"Say {word} twice."
-        prompt = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                         add_generation_prompt=True)
-        return {"prompt": prompt, "completion": f"{word} {word}{tok.eos_token}", "question": question,
-                "reference": f"{word} {word}"}
-
-    run_dir = root / "run"
-    (run_dir / "data").mkdir(parents=True)
-    (run_dir / "data" / "train.jsonl").write_text("".join(json.dumps(row(i)) + "\n" for i in range(rows)))
-    if eval_rows:
-        (run_dir / "data" / "eval.jsonl").write_text("".join(json.dumps(row(i)) + "\n" for i in range(eval_rows)))
-    fields = {"base_model": "tiny-llama", "dataset": "pattern.jsonl", "method": "lora", "lora_rank": 8,
-              "learning_rate": 5e-3, "batch_size": 4, "max_seq_len": 128, "seed": 7, **spec}
-    (run_dir / "spec.json").write_text(json.dumps({**fields, "base_model_path": str(model), "job_id": "ft-1"}))
-    return run_dir
+    write_run(root / "run", model, rows=rows, eval_rows=eval_rows, **spec)
+    return root / "run"
 
 
 def read_progress(run_dir: Path) -> list[dict]:

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from runs import write_run
 
 pytest.importorskip("torch")
 pytest.importorskip("trl")
@@ -33,7 +34,6 @@ from tools.finetune.worker import Worker  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is deprecated and will be removed in v6:FutureWarning")
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = ("red", "blue", "green", "cat", "dog", "sun")
 FAST = {"poll_s": 0.05, "heartbeat_s": 0.2}
 
 
@@ -66,26 +66,10 @@ def spawned():
 def queue(store: JobStore, home: Path, model: Path, owner: str = "alice", *, rows: int = 16, eval_rows: int = 2,
           **spec) -> str:
     """Write the next job's run dir (``jobs/<owner>/ft-N``) per the contract and queue it; its id."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model)
     job_id = f"ft-{len(store.list(limit=1000)) + 1}"
-
-    def row(i: int) -> str:
-        word = WORDS[i % len(WORDS)]
-        question = f"Say {word} twice."
-        prompt = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                         add_generation_prompt=True)
-        return json.dumps({"prompt": prompt, "completion": f"{word} {word}{tok.eos_token}", "question": question,
-                           "reference": f"{word} {word}"}) + "\n"
-
     run_dir = home / "jobs" / owner / job_id
-    (run_dir / "data").mkdir(parents=True)
-    (run_dir / "data" / "train.jsonl").write_text("".join(row(i) for i in range(rows)))
-    (run_dir / "data" / "eval.jsonl").write_text("".join(row(i) for i in range(eval_rows)))
-    fields = {"base_model": "tiny-llama", "dataset": "pattern.jsonl", "method": "lora", "lora_rank": 4,
-              "learning_rate": 5e-3, "batch_size": 4, "max_seq_len": 64, "seed": 7, **spec}
-    (run_dir / "spec.json").write_text(json.dumps({**fields, "base_model_path": str(model), "job_id": job_id}))
+    fields = write_run(run_dir, model, rows=rows, eval_rows=eval_rows, job_id=job_id,
+                       **{"lora_rank": 4, "max_seq_len": 64, **spec})
     preflight = {"rows": {"train": rows, "eval": eval_rows, "total": rows + eval_rows}, "warnings": []}
     job = store.create(owner, fields, preflight, run_dir)
     assert job.id == job_id
