@@ -90,8 +90,8 @@ def compare(reference: dict, row: dict) -> dict:
     ref, got = load_file(reference["grads"]), load_file(row["grads"])
     if ref.keys() != got.keys():
         return {"error": f"different adapter tensors ({len(ref)} vs {len(got)})"}
-    a = torch.cat([ref[k].flatten() for k in sorted(ref)])
-    b = torch.cat([got[k].flatten() for k in sorted(ref)])
+    a = torch.cat([ref[k].flatten() for k in sorted(ref)]).double()     # float64: millions of terms summed
+    b = torch.cat([got[k].flatten() for k in sorted(ref)]).double()
     return {"grad_rel_err": float((b - a).norm() / a.norm()),
             "cosine": float(torch.nn.functional.cosine_similarity(a, b, dim=0)),
             "loss_rel_diff": (row["loss"] - reference["loss"]) / reference["loss"]}

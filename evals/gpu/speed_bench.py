@@ -17,6 +17,9 @@ bitsandbytes as a user's model would). The training step is the same in every va
     liger_fp8_ckpt2 / liger_fp8_ckpt4   the same + checkpointing on every 2nd / 4th layer
     fp8         base + FP8 frozen weights (no Liger)
     liger_compile   liger + torch.compile of the whole model
+    fused       base + the fused LoRA layer (tools/finetune/fused_lora.py: adapter in bf16, no fp32 copies)
+    fast        liger + fused LoRA (our default path on a GPU); fast_ckpt2/4, fast_fp8, fast_fp8_ckpt2/4,
+                fast_packed, fused_fp8: the same with partial checkpointing / FP8 / packing
     packed      (with --lengths real) the same rows packed padding-free instead of padded batches
 
 ``--lengths real`` trains rows of chain-of-thought-like lengths (log-normal, median 700 tokens, cut to --seq)
@@ -61,6 +64,15 @@ VARIANTS = {
     "liger_fp8_ckpt4": {"liger": True, "fp8": True, "gc": True, "every": 4},
     "liger_compile": {"liger": True, "compile": True},
     "packed": {"packed": True},
+    "fused": {"fused_lora": True},
+    "fast": {"liger": True, "fused_lora": True},
+    "fast_ckpt2": {"liger": True, "fused_lora": True, "gc": True, "every": 2},
+    "fast_ckpt4": {"liger": True, "fused_lora": True, "gc": True, "every": 4},
+    "fast_fp8": {"liger": True, "fused_lora": True, "fp8": True},
+    "fast_fp8_ckpt2": {"liger": True, "fused_lora": True, "fp8": True, "gc": True, "every": 2},
+    "fast_fp8_ckpt4": {"liger": True, "fused_lora": True, "fp8": True, "gc": True, "every": 4},
+    "fast_packed": {"liger": True, "fused_lora": True, "packed": True},
+    "fused_fp8": {"fused_lora": True, "fp8": True},
     "liger_packed": {"liger": True, "packed": True},
     "unsloth": {"unsloth": True},                 # unsloth's FastLanguageModel (when installed; needs a GPU)
     "unsloth_gc": {"unsloth": True, "gc": True},  # ... with its own ("unsloth") gradient checkpointing
@@ -106,6 +118,13 @@ def apply_variant(model, options: dict, speed, *, cuda: bool, offload: bool):
         from tools.finetune.train_config import PartialCheckpointing
 
         PartialCheckpointing(options["every"]).apply(model)
+    if options.get("fused_lora"):
+        from tools.finetune import fused_lora
+
+        if len(fused_lora.enable(model)):
+            speed.applied.append("fused_lora")
+        else:
+            speed.skipped["fused_lora"] = "no LoRA layer it can take"
     if options.get("fp8"):
         from tools.finetune import fp8
 
@@ -173,6 +192,22 @@ def make_batches(vocab: int, args: argparse.Namespace, *, packed: bool) -> list[
     return out
 
 
+def profile_steps(model, optimizer, batches: list[dict], path: Path) -> None:
+    """Two more steps under the PyTorch profiler; the kernels that took the most GPU time go to ``path``."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for batch in batches:
+            inputs = {k: v.cuda(non_blocking=True) for k, v in batch.items() if k != "real_tokens"}
+            model(**inputs).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+    path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70),
+                    encoding="utf-8")
+
+
 def run_one(shape: str, method: str, variant: str, args: argparse.Namespace) -> dict:
     """One measurement, in this process."""
     if VARIANTS[variant].get("unsloth"):
@@ -224,17 +259,20 @@ def run_one(shape: str, method: str, variant: str, args: argparse.Namespace) -> 
             if cuda:
                 torch.cuda.synchronize()
             started = time.perf_counter()
-        inputs = {k: (v.cuda(non_blocking=True) if cuda else v) for k, v in batch.items()}
+        inputs = {k: (v.cuda(non_blocking=True) if cuda else v) for k, v in batch.items() if k != "real_tokens"}
         loss = model(**inputs).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
+        losses.append(loss.detach())         # read after the loop: no host sync inside the timed steps
         if step >= args.warmup:
             real_tokens += int(batch["real_tokens"]) if "real_tokens" in batch else batch["input_ids"].numel()
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
+    losses = [float(x) for x in losses]
+    if args.profile and cuda:
+        profile_steps(model, optimizer, batches[-2:], Path(args.out) / f"profile-{shape}-{method}-{variant}.txt")
     tokens_per_s = real_tokens / seconds
     per_token = flops_per_token(config, seq_len=args.seq, trainable=trainable, full=False)
     gpu = torch.cuda.get_device_name(0) if cuda else "cpu"
@@ -261,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="full-length random rows, or chain-of-thought-like lengths (padded vs packed)")
     parser.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (0 saves memory)")
     parser.add_argument("--work", default="/tmp/sw-speed")
+    parser.add_argument("--profile", action="store_true", help="also write each variant's top GPU kernels")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
@@ -285,12 +324,13 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [sys.executable, __file__, "--one", f"{shape}:{method}:{variant}", "--out", str(out),
                    "--work", str(work), "--steps", str(args.steps), "--warmup", str(args.warmup),
                    "--batch", str(batch), "--seq", str(args.seq), "--lengths", args.lengths,
-                   "--dropout", str(args.dropout)]
+                   "--dropout", str(args.dropout)] + (["--profile"] if args.profile else [])
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=os.environ)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             row = json.loads(line[7:]) if line else {"shape": shape, "method": method, "variant": variant,
                                                      "error": f"exit {proc.returncode}: {proc.stderr[-800:]}"}
             rows.append(row)
+            print("ROW " + json.dumps({k: v for k, v in row.items() if k != "losses"}), flush=True)
             (out / f"speed-{shape}-{method}.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
         base = next((r for r in rows if r["variant"] == "base" and "error" not in r), None)
         print(f"\n{shape} {method}, batch {batch} × {args.seq} ({args.lengths} lengths), LoRA dropout "

@@ -88,6 +88,27 @@ def _pad_rows(x, multiple: int = ROW_MULTIPLE):
     return x if extra == 0 else torch.cat([x, x.new_zeros(extra, x.shape[1])])
 
 
+def forward_matmul(rows, weight_q, weight_scale, out_dtype):
+    """``rows @ Wᵀ`` (rows: (M, K)) with the frozen FP8 weight ``W = diag(weight_scale) · weight_q``."""
+    import torch
+
+    values, scale = _quantize(_pad_rows(rows))
+    return torch._scaled_mm(values, weight_q.t(), scale_a=scale, scale_b=weight_scale.t(),
+                            out_dtype=out_dtype)[: rows.shape[0]]
+
+
+def input_grad_matmul(grad, weight_q, weight_scale, out_dtype):
+    """``grad @ W`` (grad: (M, N)), the gradient for the input of :func:`forward_matmul`: ``s_w`` is folded
+    into the incoming gradient before it is quantised per row, so the same ``weight_q`` serves."""
+    import torch
+
+    values, scale = _quantize(_pad_rows(grad.float() * weight_scale.t()))
+    ones = torch.ones(1, weight_q.shape[1], dtype=torch.float32, device=grad.device)
+    # (N, K) read column-major: the transposed copy of this one layer's weight, made for this product only
+    return torch._scaled_mm(values, weight_q.t().contiguous().t(), scale_a=scale, scale_b=ones,
+                            out_dtype=out_dtype)[: grad.shape[0]]
+
+
 def _make_matmul():
     import torch
 
@@ -96,22 +117,14 @@ def _make_matmul():
 
         @staticmethod
         def forward(ctx, x, weight_q, weight_scale):
-            rows = x.reshape(-1, x.shape[-1])
-            values, scale = _quantize(_pad_rows(rows))
-            out = torch._scaled_mm(values, weight_q.t(), scale_a=scale, scale_b=weight_scale.t(),
-                                   out_dtype=x.dtype)[: rows.shape[0]]
+            out = forward_matmul(x.reshape(-1, x.shape[-1]), weight_q, weight_scale, x.dtype)
             ctx.save_for_backward(weight_q, weight_scale)
             return out.reshape(*x.shape[:-1], weight_q.shape[0])
 
         @staticmethod
         def backward(ctx, grad):
             weight_q, weight_scale = ctx.saved_tensors
-            rows = grad.reshape(-1, grad.shape[-1])
-            values, scale = _quantize(_pad_rows(rows.float() * weight_scale.t()))
-            ones = torch.ones(1, weight_q.shape[1], dtype=torch.float32, device=grad.device)
-            # (N, K) read column-major: the transposed copy of this one layer's weight, made for this product only
-            dx = torch._scaled_mm(values, weight_q.t().contiguous().t(), scale_a=scale, scale_b=ones,
-                                  out_dtype=grad.dtype)[: rows.shape[0]]
+            dx = input_grad_matmul(grad.reshape(-1, grad.shape[-1]), weight_q, weight_scale, grad.dtype)
             return dx.reshape(*grad.shape[:-1], weight_q.shape[1]), None, None
 
     return FrozenFP8Matmul

@@ -1,0 +1,169 @@
+"""The fused LoRA layer (tools/finetune/fused_lora.py) against peft's own forward, on CPU in fp32: the same
+loss and the same adapter and input gradients (to float rounding), with and without LoRA dropout, switched on
+and back; the layers it must leave to peft are left. Its speed is measured on the H200 (speed_bench.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from runs import tiny_lora_model  # noqa: E402
+
+from tools.finetune import fused_lora  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*is deprecated and will be removed in v6:FutureWarning")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    from tools.finetune.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-fused"))
+
+
+def batch():
+    ids = torch.randint(5, 200, (2, 24), generator=torch.Generator().manual_seed(3))
+    return {"input_ids": ids, "labels": ids}
+
+
+def loss_and_grads(model):
+    model.train()
+    inputs = batch()
+    embeds = model.get_input_embeddings()(inputs["input_ids"]).detach().requires_grad_(True)
+    loss = model(inputs_embeds=embeds, labels=inputs["labels"]).loss
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return float(loss.detach()), grads, embeds.grad.detach().clone()
+
+
+def close(a, b, tol=1e-5) -> bool:
+    return float((a - b).norm() / b.norm().clamp(min=1e-12)) < tol
+
+
+def test_the_same_loss_and_gradients_as_peft(tiny):
+    model = tiny_lora_model(tiny)
+    ref_loss, ref_grads, ref_dx = loss_and_grads(model)
+    state = fused_lora.enable(model)
+    assert len(state) == 7 * 2 and not state.skipped     # 7 linear layers × 2 decoder layers, all taken
+    loss, grads, dx = loss_and_grads(model)
+    assert abs(loss - ref_loss) < 1e-5 * abs(ref_loss)
+    assert grads.keys() == ref_grads.keys() and len(grads) == 28
+    for name in grads:
+        assert close(grads[name], ref_grads[name]), name
+    assert close(dx, ref_dx)                  # the gradient reaching the input embeddings: every layer's dx
+    fused_lora.restore(state)
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    assert abs(loss_and_grads(model)[0] - ref_loss) < 1e-6 * abs(ref_loss)
+
+
+def test_the_fused_function_really_runs(tiny, monkeypatch):
+    model = tiny_lora_model(tiny)
+    fused_lora.enable(model)
+    seen = []
+    original = fused_lora._base_matmul
+    monkeypatch.setattr(fused_lora, "_base_matmul", lambda base, rows: seen.append(base) or original(base, rows))
+    loss_and_grads(model)
+    assert len(seen) == 14
+
+
+def test_dropout_uses_one_mask_for_forward_and_backward(tiny, monkeypatch):
+    """With LoRA dropout the fused layer equals peft's when both drop the same positions."""
+    import peft
+
+    model = tiny_lora_model(tiny)
+    p = 0.3
+    masks: dict[tuple, torch.Tensor] = {}
+
+    def fixed_mask(rows, p_, seed=None):
+        assert p_ == p
+        key = tuple(rows.shape)
+        if key not in masks:
+            masks[key] = torch.rand(rows.shape, generator=torch.Generator().manual_seed(rows.shape[-1])) >= p
+        return masks[key]
+
+    class FixedDropout(torch.nn.Dropout):
+        def forward(self, x):
+            rows = x.reshape(-1, x.shape[-1])
+            return (rows * fixed_mask(rows, self.p) / (1 - self.p)).reshape(x.shape)
+
+    for module in model.modules():
+        if isinstance(module, peft.tuners.lora.LoraLayer):
+            module.lora_dropout["default"] = FixedDropout(p)
+    ref_loss, ref_grads, ref_dx = loss_and_grads(model)
+    monkeypatch.setattr(fused_lora, "_dropout_mask", fixed_mask)
+    state = fused_lora.enable(model)
+    assert len(state) == 14
+    loss, grads, dx = loss_and_grads(model)
+    assert abs(loss - ref_loss) < 1e-5 * abs(ref_loss)
+    for name in grads:
+        assert close(grads[name], ref_grads[name]), name
+    assert close(dx, ref_dx)
+    no_dropout = fused_lora.restore(state) or tiny_lora_model(tiny)
+    assert abs(loss_and_grads(no_dropout)[0] - loss) > 1e-4      # the mask did change the loss
+
+
+def test_dropout_mask_is_drawn_again_from_its_seed(tiny):
+    """Without a fixed mask: the backward's mask is the forward's (the input gradient of the LoRA path only
+    flows through kept positions), and the same global seed gives the same step."""
+    model = tiny_lora_model(tiny)
+    for module in model.modules():
+        if hasattr(module, "lora_dropout"):
+            module.lora_dropout["default"] = torch.nn.Dropout(0.4)
+    fused_lora.enable(model)
+    torch.manual_seed(11)
+    first = loss_and_grads(model)
+    torch.manual_seed(11)
+    again = loss_and_grads(model)
+    assert first[0] == again[0] and all(torch.equal(first[1][n], again[1][n]) for n in first[1])
+    rows = torch.randn(64, 32)
+    mask = fused_lora._dropout_mask(rows, 0.4, 5)
+    assert torch.equal(mask, fused_lora._dropout_mask(rows, 0.4, 5)) and 0.45 < mask.float().mean() < 0.75
+    assert torch.allclose(fused_lora._dropped(rows, 0.4, 5), rows * mask / 0.6)
+
+
+def test_eval_mode_has_no_dropout_and_no_graph(tiny):
+    model = tiny_lora_model(tiny)
+    for module in model.modules():
+        if hasattr(module, "lora_dropout"):
+            module.lora_dropout["default"] = torch.nn.Dropout(0.5)
+    model.eval()
+    with torch.no_grad():
+        expected = model(**batch()).logits
+        fused_lora.enable(model)
+        got = model(**batch()).logits
+    assert close(got, expected)
+
+
+def test_layers_it_cannot_take_keep_peft(tiny):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True))
+    state = fused_lora.enable(model)
+    assert len(state) == 0 and state.skipped == {"DoRA": 14}
+    merged = tiny_lora_model(tiny)
+    state = fused_lora.enable(merged)
+    merged.merge_adapter()
+    with torch.no_grad():            # merged: peft's forward (the adapter already sits in the weights)
+        out = merged(**batch()).logits
+    merged.unmerge_adapter()
+    with torch.no_grad():
+        assert close(merged(**batch()).logits, out, 1e-4)
+
+
+def test_callback_records_the_switch(tiny):
+    from tools.finetune.speed import Speedups
+
+    speed = Speedups()
+    model = tiny_lora_model(tiny)
+    cb = fused_lora.callback(speed)
+    cb.on_train_begin(None, None, None, model=model)
+    assert speed.applied == ["fused_lora"] and len(cb.state) == 14
+    cb.on_train_end(None, None, None)
+    assert cb.state is None and all("forward" not in m.__dict__ for m in model.modules())

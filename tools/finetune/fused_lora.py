@@ -1,0 +1,217 @@
+"""One autograd function per LoRA layer: the frozen base matmul and the adapter in the training dtype.
+
+peft's LoRA layer computes ``base(x) + B(A(dropout(x))) · s`` with the adapter weights in fp32: every adapted
+layer casts its input to fp32 (and keeps that copy, plus the dropped-out one, for the backward), runs the two
+thin adapter matmuls in fp32 without tensor cores, scales, adds and casts back — a dozen kernels and two fp32
+copies of the activation per layer, which is most of what separates a LoRA step from its base matmuls
+(profiled on the H200: at the 0.5B shape a fifth of the GPU time is those casts; ``evals/gpu/README.md``).
+
+:class:`LoRALinear` does the same arithmetic in the base weights' dtype (bf16 on a GPU; fp32 matmul
+accumulation either way) with five matmuls and no copies:
+
+    forward     h = xd · Aᵀ              (M × r; xd = x, or x · mask / (1 - p) with LoRA dropout p)
+                y = x · Wᵀ + h · (s·B)ᵀ   (one ``addmm`` onto the base output) [+ bias]
+    backward    dB = s · gᵀ · h           dA = (g · s·B)ᵀ · xd
+                dx = g · W + (g · s·B) · A [· mask / (1 - p)]
+
+It keeps for the backward only its input (a view, shared by every layer that reads the same tensor) and ``h``
+(r values per token) — instead of peft's fp32 copies of the input and of its dropped-out version; with dropout
+the mask is drawn again in the backward from a seed (the global generator's next number, so a checkpointed
+forward draws the same one) rather than kept. The adapter
+parameters stay fp32 (the optimizer's master weights); their gradients come back in fp32, rounded through the
+training dtype like every other gradient of a bf16 model. Numerically the base path is the same matmul;
+``evals/gpu/grad_check.py`` compares the adapter gradients against fp32.
+
+Where the base layer runs FP8 (``tools/finetune/fp8.py``), its forward and input gradient go through the FP8
+matmuls. Layers this cannot take (DoRA, several active adapters, LoRA bias, quantised or trainable base
+weights, mixed-adapter batches) keep peft's own forward.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from functools import partial
+
+log = logging.getLogger("stackwise.train")
+
+
+def _dropout_mask(rows, p: float, seed: int):
+    """The kept positions (bool) for LoRA dropout ``p``, drawn from their own generator seeded with ``seed``:
+    the backward draws the same mask again instead of keeping it (a function so that tests can fix it)."""
+    import torch
+
+    generator = torch.Generator(device=rows.device).manual_seed(seed)
+    return torch.empty_like(rows, dtype=torch.bool).bernoulli_(1.0 - p, generator=generator)
+
+
+def _dropped(rows, p: float, seed: int | None):
+    return rows if seed is None else rows * _dropout_mask(rows, p, seed) * (1.0 / (1.0 - p))
+
+
+def _base_matmul(base, rows):
+    fp8_state = getattr(base, "_stackwise_fp8", None)
+    if fp8_state is not None:
+        from tools.finetune.fp8 import forward_matmul
+
+        return forward_matmul(rows, *fp8_state, rows.dtype)
+    return rows @ base.weight.t()
+
+
+def _base_input_grad(base, grad):
+    fp8_state = getattr(base, "_stackwise_fp8", None)
+    if fp8_state is not None:
+        from tools.finetune.fp8 import input_grad_matmul
+
+        return input_grad_matmul(grad, *fp8_state, grad.dtype)
+    return grad @ base.weight
+
+
+def _make_function():
+    import torch
+
+    class LoRALinear(torch.autograd.Function):
+        """``base(x) + s · B(A(dropout(x)))`` for a frozen ``base`` (see the module docstring)."""
+
+        @staticmethod
+        def forward(ctx, x, lora_a, lora_b, base, scaling: float, p: float, dtype):
+            rows = x.reshape(-1, x.shape[-1]).to(dtype)
+            a, b = lora_a.to(dtype), (lora_b * scaling).to(dtype)
+            # the seed comes from the global generator, so a recomputed forward (checkpointing) draws it again
+            seed = int(torch.randint(0, 2**62, (), device="cpu")) if p > 0 else None
+            h = _dropped(rows, p, seed) @ a.t()
+            out = _base_matmul(base, rows)
+            out.addmm_(h, b.t())
+            if base.bias is not None:
+                out += base.bias.to(dtype)
+            ctx.base, ctx.scaling, ctx.p, ctx.seed, ctx.shape = base, scaling, p, seed, x.shape
+            ctx.dtypes = (x.dtype, lora_a.dtype, lora_b.dtype)
+            ctx.save_for_backward(rows, h, a, b)
+            return out.reshape(*x.shape[:-1], out.shape[-1])
+
+        @staticmethod
+        def backward(ctx, grad):
+            rows, h, a, b = ctx.saved_tensors
+            x_dtype, a_dtype, b_dtype = ctx.dtypes
+            g = grad.reshape(-1, grad.shape[-1]).to(rows.dtype)
+            gh = g @ b                                           # (M, r): the gradient reaching h
+            grad_a = (gh.t() @ _dropped(rows, ctx.p, ctx.seed)).to(a_dtype) if ctx.needs_input_grad[1] else None
+            grad_b = (g.t() @ h).mul_(ctx.scaling).to(b_dtype) if ctx.needs_input_grad[2] else None
+            dx = None
+            if ctx.needs_input_grad[0]:
+                dx = _base_input_grad(ctx.base, g)
+                if ctx.seed is None:
+                    dx.addmm_(gh, a)
+                else:
+                    dx += _dropped(gh @ a, ctx.p, ctx.seed)
+                dx = dx.reshape(ctx.shape).to(x_dtype)
+            return dx, grad_a, grad_b, None, None, None, None
+
+    return LoRALinear
+
+
+_FUNCTION = None
+
+
+def _why_not(module) -> str | None:
+    """Why ``module`` (a peft LoRA layer) keeps peft's forward, or ``None`` when :class:`LoRALinear` takes it."""
+    import torch.nn as nn
+
+    base = module.get_base_layer()
+    adapters = list(module.active_adapters)
+    if len(adapters) != 1:
+        return "several active adapters"
+    name = adapters[0]
+    if name not in module.lora_A or type(module.lora_A[name]) is not nn.Linear:
+        return "not a linear adapter"
+    if module.use_dora.get(name):
+        return "DoRA"
+    if module.lora_B[name].bias is not None:
+        return "LoRA bias"
+    if type(base) is not nn.Linear:
+        return "quantised or custom base layer"
+    if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+        return "trainable base weights"
+    dropout = module.lora_dropout[name]
+    if not isinstance(dropout, (nn.Dropout, nn.Identity)):
+        return "custom dropout"
+    return None
+
+
+def _forward(module, x, *args, **kwargs):
+    global _FUNCTION
+    if args or kwargs or module.disable_adapters or module.merged:
+        return type(module).forward(module, x, *args, **kwargs)      # peft's own path (mixed batches, merged …)
+    if _FUNCTION is None:
+        _FUNCTION = _make_function()
+    name = module.active_adapters[0]
+    base = module.get_base_layer()
+    dropout = module.lora_dropout[name]
+    p = float(dropout.p) if hasattr(dropout, "p") and module.training else 0.0
+    dtype = getattr(base, "_stackwise_dtype", None) or base.weight.dtype
+    return _FUNCTION.apply(x, module.lora_A[name].weight, module.lora_B[name].weight, base,
+                           float(module.scaling[name]), p, dtype)
+
+
+@dataclass
+class FusedLoRA:
+    """The LoRA layers running :class:`LoRALinear`, and why the others do not."""
+
+    layers: list = field(default_factory=list)
+    skipped: dict = field(default_factory=dict)        # reason → count
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+
+def enable(model) -> FusedLoRA:
+    """Route every LoRA linear layer that :class:`LoRALinear` can take through it; :func:`restore` undoes it."""
+    from peft.tuners.lora import LoraLayer
+
+    state = FusedLoRA()
+    for module in model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        reason = _why_not(module)
+        if reason:
+            state.skipped[reason] = state.skipped.get(reason, 0) + 1
+            continue
+        module.forward = partial(_forward, module)
+        state.layers.append(module)
+    log.info("fused LoRA: %d adapted layers in one autograd function each%s", len(state.layers),
+             "; peft's forward kept for " + ", ".join(f"{n} ({why})" for why, n in state.skipped.items())
+             if state.skipped else "")
+    return state
+
+
+def restore(state: FusedLoRA | None) -> None:
+    """peft's own forward back on every layer :func:`enable` changed."""
+    if state is None:
+        return
+    for module in state.layers:
+        module.__dict__.pop("forward", None)
+    state.layers.clear()
+
+
+def callback(speed):
+    """A Trainer callback that turns the fused LoRA layers on as training starts and off as it ends;
+    ``speed`` (:class:`~tools.finetune.speed.Speedups`) records whether it applied."""
+    from transformers import TrainerCallback
+
+    class FusedLoRACallback(TrainerCallback):
+        state: FusedLoRA | None = None
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            if model is not None and self.state is None:
+                self.state = enable(model)
+                if self.state.layers and "fused_lora" not in speed.applied:
+                    speed.applied.append("fused_lora")
+                elif not self.state.layers:
+                    speed.skipped["fused_lora"] = "no LoRA layer it can take: " + \
+                        (", ".join(self.state.skipped) or "none found")
+
+        def on_train_end(self, args, state, control, **kwargs):
+            restore(self.state)
+            self.state = None
+
+    return FusedLoRACallback()
