@@ -17,7 +17,8 @@ accumulation either way) with five matmuls and no copies:
 It keeps for the backward only its input (a view, shared by every layer that reads the same tensor) and ``h``
 (r values per token) — instead of peft's fp32 copies of the input and of its dropped-out version; with dropout
 the mask is drawn again in the backward from a seed (the global generator's next number, so a checkpointed
-forward draws the same one) rather than kept. The adapter
+forward draws the same one) rather than kept, on a GPU by one Triton kernel that draws and applies it (and, in
+the backward, adds the result to the input gradient) in a single pass. The adapter
 parameters stay fp32 (the optimizer's master weights); their gradients come back in fp32, rounded through the
 training dtype like every other gradient of a bf16 model. Numerically the base path is the same matmul;
 ``evals/gpu/grad_check.py`` compares the adapter gradients against fp32.
@@ -45,8 +46,56 @@ def _dropout_mask(rows, p: float, seed: int):
     return torch.empty_like(rows, dtype=torch.bool).bernoulli_(1.0 - p, generator=generator)
 
 
-def _dropped(rows, p: float, seed: int | None):
-    return rows if seed is None else rows * _dropout_mask(rows, p, seed) * (1.0 / (1.0 - p))
+_TRITON_BLOCK = 2048
+_triton_dropout = None       # the compiled kernel; False where Triton is not available
+
+
+def _make_triton_dropout():
+    """One Triton kernel for ``[acc +] x · keep / (1 - p)`` with ``keep = rand(seed, index) ≥ p``: the mask is
+    a function of (seed, element index), so it is never stored and the backward draws the very same one."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit(do_not_specialize=["seed"])     # one compiled kernel for every seed
+    def dropout_kernel(x_ptr, acc_ptr, out_ptr, n, p, scale, seed, ACCUMULATE: tl.constexpr,
+                       BLOCK: tl.constexpr):
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        inside = offsets < n
+        x = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        y = tl.where(tl.rand(seed, offsets) >= p, x * scale, 0.0)
+        if ACCUMULATE:
+            y += tl.load(acc_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offsets, y.to(out_ptr.dtype.element_ty), mask=inside)
+
+    return dropout_kernel
+
+
+def _triton_kernel():
+    global _triton_dropout
+    if _triton_dropout is None:
+        try:
+            _triton_dropout = _make_triton_dropout()
+        except Exception:  # noqa: BLE001 - no Triton (CPU builds): the PyTorch path below does the same
+            _triton_dropout = False
+    return _triton_dropout
+
+
+def _dropped(rows, p: float, seed: int | None, accumulate=None):
+    """``rows`` with LoRA dropout ``p`` applied by the mask of ``seed`` (``rows`` itself when ``seed`` is None);
+    with ``accumulate``, that tensor plus the result, written into it."""
+    if seed is None:
+        return rows if accumulate is None else accumulate.add_(rows)
+    fits = rows.numel() < 2**31 and (accumulate is None or accumulate.is_contiguous())
+    kernel = _triton_kernel() if rows.is_cuda and fits else False
+    if kernel:
+        rows = rows.contiguous()
+        out = accumulate if accumulate is not None else rows.new_empty(rows.shape)
+        grid = ((rows.numel() + _TRITON_BLOCK - 1) // _TRITON_BLOCK,)
+        kernel[grid](rows, out, out, rows.numel(), p, 1.0 / (1.0 - p), seed, ACCUMULATE=accumulate is not None,
+                     BLOCK=_TRITON_BLOCK)
+        return out
+    result = rows * _dropout_mask(rows, p, seed) * (1.0 / (1.0 - p))
+    return result if accumulate is None else accumulate.add_(result)
 
 
 def _base_matmul(base, rows):
@@ -78,7 +127,7 @@ def _make_function():
             rows = x.reshape(-1, x.shape[-1]).to(dtype)
             a, b = lora_a.to(dtype), (lora_b * scaling).to(dtype)
             # the seed comes from the global generator, so a recomputed forward (checkpointing) draws it again
-            seed = int(torch.randint(0, 2**62, (), device="cpu")) if p > 0 else None
+            seed = int(torch.randint(0, 2**31 - 1, (), device="cpu")) if p > 0 else None
             h = _dropped(rows, p, seed) @ a.t()
             out = _base_matmul(base, rows)
             out.addmm_(h, b.t())
@@ -103,7 +152,7 @@ def _make_function():
                 if ctx.seed is None:
                     dx.addmm_(gh, a)
                 else:
-                    dx += _dropped(gh @ a, ctx.p, ctx.seed)
+                    dx = _dropped(gh @ a, ctx.p, ctx.seed, accumulate=dx)
                 dx = dx.reshape(ctx.shape).to(x_dtype)
             return dx, grad_a, grad_b, None, None, None, None
 
