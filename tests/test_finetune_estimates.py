@@ -26,19 +26,43 @@ def test_vram_estimates_are_within_15_percent_of_the_measured_peaks(config, meth
     assert abs(estimate - measured_gb) / measured_gb <= 0.15
 
 
-def test_the_preflight_assumes_liger_exactly_where_the_worker_uses_it():
+@pytest.mark.parametrize(("config", "batch", "every", "measured_gb"), [
+    (QWEN_7B, 4, 1, 49.40),    # speed bench, Liger + fused LoRA, dropout 0.05 (evals/gpu/README.md)
+    (QWEN_7B, 4, 4, 41.32),    # the same with every 4th layer checkpointed
+    (QWEN_05B, 8, 1, 16.32),
+])
+def test_fused_lora_vram_estimates_are_within_15_percent(config, batch, every, measured_gb):
+    params = count_params(config, "lora", 16, None)
+    estimate = estimate_vram(params, "lora", batch, 2048, checkpointing=every > 1, every=every, liger=True,
+                             lora_dropout=0.05, fused_lora=True)
+    assert estimate["fused_lora"] and abs(estimate["total_gb"] - measured_gb) / measured_gb <= 0.15
+    assert estimate_vram(params, "qlora", batch, 2048, checkpointing=False, liger=True,
+                         fused_lora=True)["fused_lora"] is False          # QLoRA keeps peft's layers
+
+
+def test_the_preflight_assumes_the_speedups_exactly_where_the_worker_uses_them():
     rows = {"train": [{"prompt": "x" * 4000, "completion": "y" * 8000}] * 40, "eval": []}
 
     def report(config, gpu, **fields):
-        spec = FinetuneSpec(base_model="m", dataset="d.jsonl", batch_size=4, max_seq_len=2048, **fields)
+        spec = FinetuneSpec(base_model="m", dataset="d.jsonl", max_seq_len=2048, **{"batch_size": 4, **fields})
         return preflight(spec, rows, None, config, gpu)
 
     big = report(QWEN_7B, H200)
-    assert big["vram"]["liger"] and "Liger" in big["time"]["basis"]
-    assert big["time"]["tokens_per_s"] == pytest.approx(9_900 * 1.16, rel=0.02)   # 12.7k measured: within 10 %
-    assert not report(QWEN_05B, H200)["vram"]["liger"]
-    assert not report(QWEN_7B, None)["vram"]["liger"]                                 # no GPU, no Liger
-    assert not report(QWEN_7B, H200, engine="unsloth")["vram"]["liger"]
+    assert big["vram"]["liger"] and big["vram"]["fused_lora"] and "fused LoRA" in big["time"]["basis"]
+    measured_7b = 14_572            # speed bench, 7B LoRA, Liger + fused LoRA, 4 × 2048
+    assert abs(big["time"]["tokens_per_s"] - measured_7b) / measured_7b <= 0.15
+    small = report(QWEN_05B, H200, batch_size=8)
+    assert small["vram"]["liger"] and small["vram"]["fused_lora"]     # with the fused layer Liger pays at 0.5B
+    measured_05b = 94_938           # the same at the 0.5B shape, 8 × 2048
+    assert abs(small["time"]["tokens_per_s"] - measured_05b) / measured_05b <= 0.15
+    qlora = report(QWEN_7B, H200, method="qlora")
+    assert qlora["vram"]["liger"] and not qlora["vram"]["fused_lora"]
+    assert qlora["time"]["tokens_per_s"] == pytest.approx(9_900 * 1.16 * 0.9, rel=0.02)    # Liger alone
+    assert not report(QWEN_05B, H200, method="qlora")["vram"]["liger"]   # below 3B without the fused layer: off
+    assert not report(QWEN_7B, None)["vram"]["liger"]                    # no GPU, no Liger, no fused layer
+    assert not report(QWEN_7B, None)["vram"]["fused_lora"]
+    unsloth = report(QWEN_7B, H200, engine="unsloth")["vram"]
+    assert not unsloth["liger"] and not unsloth["fused_lora"]
 
 
 def test_the_per_gpu_estimate_of_a_two_gpu_run_at_batch_2():

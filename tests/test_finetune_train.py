@@ -104,8 +104,8 @@ def test_lora_run_learns_and_writes_the_contract_files(tiny, tmp_path):
     assert summary["final_loss"] == lines[-1]["loss"] and summary["eval_loss"] == lines[-1]["eval_loss"]
     assert 0 < summary["trainable_params"] < summary["total_params"]
     assert summary["tokens_per_s"] > 0 and summary["train_seconds"] > 0 and summary["peak_gpu_mem_gb"] is None
-    assert summary["speed"] == {"liger": False, "fused_adamw": False, "fp8": False, "compile": False, "applied": [],
-                                "skipped": {}}
+    assert summary["speed"] == {"liger": False, "fused_adamw": False, "fp8": False, "compile": False,
+                                "fused_lora": False, "applied": [], "skipped": {}}     # CPU: no default speed-up
     assert summary["artifacts"] == {"adapter": str(run_dir / "adapter"), "merged": None,
                                     "comparison": str(run_dir / "comparison.json")}
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("checkpoint-*"))
@@ -271,7 +271,13 @@ def test_speed_choices_follow_the_measured_defaults_and_say_why_not():
     from tools.finetune.speed import choose, flops_per_token, mfu, speedups
 
     assert choose(None, total_params=7_615_616_512).liger            # 1.13× measured at the 7B shape
-    assert not choose(None, total_params=494_032_768).liger          # 0.85× at the 0.5B shape: off
+    small = choose(None, total_params=494_032_768)                   # LoRA on a GPU: the fused layer, with Liger
+    assert small.fused_lora and small.liger                          # (1.95× together at the 0.5B shape)
+    assert not choose(None, total_params=494_032_768, method="qlora").liger     # Liger alone: 0.85× there, off
+    on_cpu = choose(None, total_params=494_032_768, cuda=False)
+    assert not on_cpu.fused_lora and not on_cpu.liger
+    assert choose({"fused_lora": True}, total_params=1, cuda=False).fused_lora  # asked for: on, even on CPU
+    assert not choose({"fused_lora": False}, total_params=494_032_768).liger
     assert not choose({"liger": False}, total_params=7_615_616_512).liger
     assert choose({"liger": True}, total_params=1).liger
     for bad, message in (({"turbo": True}, "unknown speed option"), ({"liger": "yes"}, "true or false")):

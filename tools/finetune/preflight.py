@@ -32,6 +32,10 @@ linear + cross-entropy never materialises them) and k = 51 B instead of 64 B; Lo
 dropped-out input of every adapted layer is kept for the backward). Fitted on the worker runs: 7B LoRA with Liger
 65.1 GiB measured (formula 65.0, −0.2 %), the same with dropout 0 56.0 GiB (formula 55.8, −0.4 %), 7B QLoRA with
 Liger 54.6 GiB (formula 56.0, +2.5 %); Liger's speed is × 1.16.
+With the fused LoRA layer (``tools/finetune/fused_lora.py``, on by default for LoRA on a GPU, always with Liger)
+k = 42 B whatever the LoRA dropout (no fp32 copies; the mask is redrawn, not kept): fitted on the H200 speed
+bench (LoRA r16, dropout 0.05, seq 2048), 7B at 4 × 2048 49.4 GiB measured (formula 48.9, −1 %), 0.5B at 8 × 2048
+16.3 GiB (formula 16.8, +3 %), 7B with every 4th layer checkpointed 41.3 GiB (formula 41.7, +1 %).
 It fits when the total is ≤ 95 % of the GPU memory. When only a checkpointed estimate fits, gradient
 checkpointing is turned on for the fewest layers that make it fit (every n-th decoder layer, transformers'
 ``every_n_layers``, n as large as the memory allows): a checkpointed layer keeps k = 4 B per token, the others
@@ -45,7 +49,10 @@ follows the two measured points — Qwen2.5-0.5B shape 52k tokens/s, 7B shape 9.
 between them (P^-0.606), as 1/P above 7.6B (compute-bound), capped at 250k tokens/s; × GPU factor (H200 1.0, H100
 0.85, A100 0.35, RTX 4090 0.3, CPU 0.002 capped at 20k tokens/s); × method factor (LoRA 1.0, QLoRA 0.9 — measured
 0.76 at 0.5B, 1.09 at 7B —, full 0.7); × 0.71 with gradient checkpointing on every layer (7.0k / 9.9k measured; 1
-/ (1 + 0.41 × c / L) with c of L layers checkpointed).
+/ (1 + 0.41 × c / L) with c of L layers checkpointed: 7 of 28 layers measured 0.90 of the unchecked speed,
+formula 0.91); × the fused LoRA layer's speed-up with Liger, measured against the plain baseline in the same run
+(1.95× at the 0.5B shape, 1.55× at 7B; interpolated in log P between them, held outside), else × 1.16 with Liger
+alone.
 """
 
 from __future__ import annotations
@@ -66,6 +73,8 @@ TOKENIZER_THREADS, TOKENIZER_CHUNK = 4, 1000
 K_ACT_BF16, K_ACT_CHECKPOINTED, K_LOGITS, K_LOGITS_CHECKPOINTED = 64, 4, 1, 10
 K_ACT_LIGER = 51          # Liger's fused RMSNorm / SwiGLU / RoPE keep fewer intermediates
 K_LORA_DROPOUT = 12       # LoRA dropout > 0 keeps each adapted layer's dropped-out input for the backward
+K_ACT_FUSED = 42          # fused LoRA layer (+ Liger): no fp32 activation copies, dropout mask redrawn
+FUSED_SPEED = ((0.494e9, 1.95), (7.62e9, 1.55))   # (P, × plain baseline) measured with Liger, dropout 0.05
 LIGER_SPEED = 1.16        # measured through the worker, 7B LoRA (12.7k vs 11.0k tokens/s) and QLoRA (1.17)
 OVERHEAD_GIB = 2.0
 NF4_BYTES = 0.5 + 0.127 / 8
@@ -129,10 +138,11 @@ def checkpointed_layers(layers: int, every: int) -> int:
 
 
 def estimate_vram(params: dict, method: str, batch: int, seq: int, *, checkpointing: bool, every: int = 1,
-                  liger: bool = False, lora_dropout: float = 0.05, shards: int = 1) -> dict:
+                  liger: bool = False, lora_dropout: float = 0.05, shards: int = 1, fused_lora: bool = False) -> dict:
     """The VRAM terms of the module docstring, in GiB (``liger``: the fused kernels the worker uses from
-    ``LIGER_MIN_PARAMS`` parameters on a GPU — no logits, fewer activations; ``every``: with checkpointing,
-    only every ``every``-th layer is checkpointed, the others keep their activations)."""
+    ``LIGER_MIN_PARAMS`` parameters on a GPU — no logits, fewer activations; ``fused_lora``: the fused LoRA
+    layer, with Liger; ``every``: with checkpointing, only every ``every``-th layer is checkpointed, the others
+    keep their activations)."""
     weights = (NF4_BYTES * params["linear"] + 2 * (params["total"] - params["linear"]) if method == "qlora"
                else 2 * params["total"])
     trainable = 16 * params["trainable"]
@@ -140,7 +150,8 @@ def estimate_vram(params: dict, method: str, batch: int, seq: int, *, checkpoint
     dropout = K_LORA_DROPOUT if method != "full" and lora_dropout > 0 else 0
     layers = params["layers"]
     kept = checkpointed_layers(layers, every) if checkpointing else 0
-    k_full = (K_ACT_LIGER if liger else K_ACT_BF16) + dropout
+    fused_lora = fused_lora and method == "lora"
+    k_full = K_ACT_FUSED if fused_lora else (K_ACT_LIGER if liger else K_ACT_BF16) + dropout
     k = ((layers - kept) * k_full + kept * K_ACT_CHECKPOINTED) / layers      # bytes per token·layer, on average
     j = 0 if liger else K_LOGITS_CHECKPOINTED if kept == layers else K_LOGITS
     acts = batch * seq * params["hidden"] * layers * k + batch * seq * params["vocab"] * j
@@ -148,7 +159,8 @@ def estimate_vram(params: dict, method: str, batch: int, seq: int, *, checkpoint
              "overhead_gb": OVERHEAD_GIB}
     return {**{k: round(v, 3) for k, v in terms.items()}, "total_gb": round(sum(terms.values()), 2),
             "gradient_checkpointing": checkpointing, "checkpoint_every": every if checkpointing else None,
-            "checkpointed_layers": kept, "layers": layers, "liger": liger, "fsdp_shards": shards,
+            "checkpointed_layers": kept, "layers": layers, "liger": liger, "fused_lora": fused_lora,
+            "fsdp_shards": shards,
             "k_activation_bytes": round(k, 2), "seq": seq, "batch": batch}
 
 
@@ -285,12 +297,26 @@ def _schedule(spec, n_train: int, tokens_per_epoch: int, gpus: int = 1) -> dict:
             "total_tokens": round(tokens_per_epoch * total / steps_per_epoch)}
 
 
+def uses_fused_lora(gpu: dict | None, spec) -> bool:
+    """Whether the worker trains this job with the fused LoRA layer by default (``speed.choose``: LoRA, on a
+    GPU, with stackwise's own engine)."""
+    return gpu is not None and spec.method == "lora" and getattr(spec, "engine", "auto") != "unsloth"
+
+
 def uses_liger(total_params: int, gpu: dict | None, spec) -> bool:
     """Whether the worker trains this job with Liger kernels by default (``speed.choose``: from LIGER_MIN_PARAMS
-    parameters, on a GPU, with stackwise's own engine)."""
+    parameters or with the fused LoRA layer, on a GPU, with stackwise's own engine)."""
     from tools.finetune.speed import LIGER_MIN_PARAMS
 
-    return gpu is not None and total_params >= LIGER_MIN_PARAMS and getattr(spec, "engine", "auto") != "unsloth"
+    return (gpu is not None and getattr(spec, "engine", "auto") != "unsloth"
+            and (total_params >= LIGER_MIN_PARAMS or uses_fused_lora(gpu, spec)))
+
+
+def fused_speed(total_params: int) -> float:
+    """The fused LoRA layer's (with Liger) measured speed-up over plain transformers + peft, by model size."""
+    (p0, f0), (p1, f1) = FUSED_SPEED
+    x = min(max((math.log(max(total_params, 1)) - math.log(p0)) / (math.log(p1) - math.log(p0)), 0.0), 1.0)
+    return f0 + (f1 - f0) * x
 
 
 def parallel_speedup(gpus: int) -> float:
@@ -387,7 +413,8 @@ def _model_checks(result: dict, spec, config: dict, gpu: dict | None, lengths: d
                                                        f"max_position_embeddings {max_pos}.")
     seq = spec.max_seq_len if spec.packing else max(1, min(spec.max_seq_len, lengths["max"]))
     liger = uses_liger(params["total"], gpu, spec)
-    terms = {"liger": liger, "lora_dropout": spec.lora_dropout}
+    fused = uses_fused_lora(gpu, spec)
+    terms = {"liger": liger, "lora_dropout": spec.lora_dropout, "fused_lora": fused}
     plain = estimate_vram(params, spec.method, spec.batch_size, seq, checkpointing=False, **terms)
     checkpointed = estimate_vram(params, spec.method, spec.batch_size, seq, checkpointing=True, **terms)
     vram, fits = plain, None
@@ -414,7 +441,8 @@ def _model_checks(result: dict, spec, config: dict, gpu: dict | None, lengths: d
                                                "shorter max_seq_len.")
     tps = tokens_per_second(params["total"], spec.method, gpu,
                             checkpointing=vram["checkpointed_layers"] / vram["layers"])
-    tps *= parallel_speedup(schedule["gpus"]) * (LIGER_SPEED if liger else 1.0)
+    speedup = fused_speed(params["total"]) if fused else LIGER_SPEED if liger else 1.0
+    tps *= parallel_speedup(schedule["gpus"]) * speedup
     kind, known = gpu_kind(gpu)
     seconds = schedule["processed_tokens"] / tps
     result.update(params={k: params[k] for k in ("total", "trainable", "linear", "target_modules")} |
@@ -425,7 +453,8 @@ def _model_checks(result: dict, spec, config: dict, gpu: dict | None, lengths: d
                   time={"tokens_per_s": round(tps), "seconds": round(seconds), "gpu_kind": kind,
                         "basis": f"DESIGN §9 H200 LoRA baseline scaled by parameter count, × {kind} factor"
                                  + ("" if known else " (unknown GPU, assumed A100-class)")
-                                 + (", × 1.16 with Liger kernels" if liger else "")
+                                 + (f", × {speedup:.2f} with the fused LoRA layer and Liger kernels" if fused
+                                    else ", × 1.16 with Liger kernels" if liger else "")
                                  + (f", × {parallel_speedup(schedule['gpus']):.2f} on {schedule['gpus']} GPUs"
                                     if schedule["gpus"] > 1 else "")
                                  + (f"; {schedule['padding_fraction']:.0%} of the processed tokens are padding"
@@ -456,7 +485,8 @@ def user_gpu_advice(spec, config: dict | None, report: dict, user_gpu: dict | No
         params = count_params(config, method, spec.lora_rank, spec.target_modules)
         liger = uses_liger(params["total"], user_gpu, spec)
         return min(estimate_vram(params, method, spec.batch_size, seq, checkpointing=c, liger=liger,
-                                 lora_dropout=spec.lora_dropout)["total_gb"] for c in (0, 1))
+                                 lora_dropout=spec.lora_dropout, fused_lora=uses_fused_lora(user_gpu, spec)
+                                 )["total_gb"] for c in (0, 1))
 
     try:
         needed = need(spec.method)

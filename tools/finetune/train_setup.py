@@ -247,7 +247,8 @@ def _choose_speedups(job: Job, device: Device) -> None:
         total = count_params(config, spec.method, spec.lora_rank, spec.target_modules)["total"]
     except Exception:    # an unusual config: no size-based defaults, the explicit options still apply
         pass
-    speed = choose(job.speed if isinstance(job.speed, dict) else None, total_params=total)
+    speed = choose(job.speed if isinstance(job.speed, dict) else None, total_params=total, method=job.spec.method,
+                   cuda=device.cuda)
     if speed.liger and not device.cuda:
         speed.liger, speed.skipped["liger"] = False, "needs a CUDA GPU"
     elif speed.liger and importlib.util.find_spec("liger_kernel") is None:
