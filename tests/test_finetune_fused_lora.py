@@ -206,9 +206,10 @@ def test_a_run_with_the_fused_layer_follows_the_plain_run(tiny, tmp_path):
         assert abs(fused - plain) <= 1e-4 * abs(plain)
 
 
-def test_checkpointed_layers_redraw_the_same_dropout(tiny):
-    """With gradient checkpointing the recomputed forward draws the dropout seeds again from the restored global
-    generator: the gradients equal those of the same step without checkpointing."""
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpointed_layers_redraw_the_same_dropout(tiny, reentrant):
+    """With gradient checkpointing (either kind) the recomputed forward draws the dropout seeds again from the
+    restored global generator: the gradients equal those of the same step without checkpointing."""
     results = []
     for checkpointing in (False, True):
         model = tiny_lora_model(tiny)
@@ -216,7 +217,7 @@ def test_checkpointed_layers_redraw_the_same_dropout(tiny):
             if hasattr(module, "lora_dropout"):
                 module.lora_dropout["default"] = torch.nn.Dropout(0.3)
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
             model.enable_input_require_grads()
         fused_lora.enable(model)
         torch.manual_seed(5)

@@ -95,8 +95,9 @@ def mixed_rows(n: int = 400) -> dict:
 
 def test_preflight_counts_padding_and_suggests_packing():
     base = dict(base_model="m", dataset="d.jsonl", method="lora", batch_size=8, max_seq_len=2048)
-    unpacked = preflight(FinetuneSpec(**base), mixed_rows(), None, QWEN_7B, H200)
-    packed = preflight(FinetuneSpec(**base, packing=True), mixed_rows(), None, QWEN_7B, H200)
+    rows = mixed_rows(4000)          # enough tokens that whole seconds do not round the ratio away
+    unpacked = preflight(FinetuneSpec(**base), rows, None, QWEN_7B, H200)
+    packed = preflight(FinetuneSpec(**base, packing=True), rows, None, QWEN_7B, H200)
     tokens = unpacked["tokens"]
     assert tokens["padded_tokens_per_epoch"] > 2 * tokens["tokens_per_epoch"]   # 1 long row in 5 pads most batches
     assert unpacked["training"]["padding_fraction"] > 0.5 and packed["training"]["padding_fraction"] == 0

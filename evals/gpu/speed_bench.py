@@ -160,7 +160,11 @@ def make_batches(vocab: int, args: argparse.Namespace, *, packed: bool) -> list[
     if args.lengths == "full":
         out = []
         for _ in range(steps):
-            ids = torch.randint(0, vocab, (args.batch, args.seq), generator=generator)
+            if args.data == "repeat":      # a random 64-token segment repeated: learnable by copying
+                segment = torch.randint(0, vocab, (args.batch, 64), generator=generator)
+                ids = segment.repeat(1, -(-args.seq // 64))[:, : args.seq].contiguous()
+            else:
+                ids = torch.randint(0, vocab, (args.batch, args.seq), generator=generator)
             out.append({"input_ids": ids, "labels": ids})
         return out
     lengths = iter(row_lengths(args, steps * args.batch * 8))
@@ -278,7 +282,7 @@ def run_one(shape: str, method: str, variant: str, args: argparse.Namespace) -> 
     gpu = torch.cuda.get_device_name(0) if cuda else "cpu"
     return {"shape": shape, "method": method, "variant": variant, "gpu": gpu, "batch": args.batch,
             "seq": args.seq, "steps": args.steps, "warmup": args.warmup, "tokens_per_s": round(tokens_per_s, 1),
-            "lengths": args.lengths, "dropout": args.dropout,
+            "lengths": args.lengths, "dropout": args.dropout, "data": args.data,
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else 0.0,
             "mfu": round(mfu(tokens_per_s, per_token, gpu) or 0.0, 4), "flops_per_token": per_token,
             "final_loss": round(sum(losses[-5:]) / len(losses[-5:]), 5), "losses": [round(x, 5) for x in losses],
@@ -298,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lengths", choices=("full", "real"), default="full",
                         help="full-length random rows, or chain-of-thought-like lengths (padded vs packed)")
     parser.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (0 saves memory)")
+    parser.add_argument("--data", choices=("random", "repeat"), default="random",
+                        help="random tokens, or a random 64-token segment repeated (a loss that falls: compare "
+                             "the loss curves of the variants over --steps 50)")
     parser.add_argument("--work", default="/tmp/sw-speed")
     parser.add_argument("--profile", action="store_true", help="also write each variant's top GPU kernels")
     parser.add_argument("--one", help=argparse.SUPPRESS)
@@ -324,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [sys.executable, __file__, "--one", f"{shape}:{method}:{variant}", "--out", str(out),
                    "--work", str(work), "--steps", str(args.steps), "--warmup", str(args.warmup),
                    "--batch", str(batch), "--seq", str(args.seq), "--lengths", args.lengths,
-                   "--dropout", str(args.dropout)] + (["--profile"] if args.profile else [])
+                   "--dropout", str(args.dropout), "--data", args.data] + (["--profile"] if args.profile else [])
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=os.environ)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             row = json.loads(line[7:]) if line else {"shape": shape, "method": method, "variant": variant,
@@ -333,8 +340,8 @@ def main(argv: list[str] | None = None) -> int:
             print("ROW " + json.dumps({k: v for k, v in row.items() if k != "losses"}), flush=True)
             (out / f"speed-{shape}-{method}.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
         base = next((r for r in rows if r["variant"] == "base" and "error" not in r), None)
-        print(f"\n{shape} {method}, batch {batch} × {args.seq} ({args.lengths} lengths), LoRA dropout "
-              f"{args.dropout:g}, {args.steps} timed steps")
+        print(f"\n{shape} {method}, batch {batch} × {args.seq} ({args.lengths} lengths, {args.data} tokens), LoRA "
+              f"dropout {args.dropout:g}, {args.steps} timed steps")
         print(f"{'variant':<16} {'tokens/s':>9} {'×base':>6} {'peak GiB':>9} {'×base':>6} {'MFU':>6} "
               f"{'loss':>9} {'Δloss':>8}  notes")
         for r in rows:
