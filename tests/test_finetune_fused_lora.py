@@ -157,6 +157,27 @@ def test_layers_it_cannot_take_keep_peft(tiny):
         assert close(merged(**batch()).logits, out, 1e-4)
 
 
+def test_disabled_adapters_and_another_active_adapter_fall_back_to_peft(tiny):
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+    model = tiny_lora_model(tiny)
+    fused_lora.enable(model)
+    model.eval()
+    with torch.no_grad():
+        with model.disable_adapter():           # the base model's output, as peft gives it
+            assert close(model(**batch()).logits, plain(**batch()).logits)
+        with_adapter = model(**batch()).logits
+        assert not close(with_adapter, plain(**batch()).logits, 1e-3)
+        from peft import LoraConfig
+
+        model.add_adapter("other", LoraConfig(r=2, target_modules="all-linear"))   # B = 0: the base output
+        model.set_adapter("other")
+        assert close(model(**batch()).logits, plain(**batch()).logits)
+        model.set_adapter("default")
+        assert close(model(**batch()).logits, with_adapter)
+
+
 def test_callback_records_the_switch(tiny):
     from tools.finetune.speed import Speedups
 

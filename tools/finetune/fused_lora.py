@@ -98,22 +98,25 @@ def _dropped(rows, p: float, seed: int | None, accumulate=None):
     return result if accumulate is None else accumulate.add_(result)
 
 
+# Attribute lookups go through the instance dicts: nn.Module.__getattr__ (parameters, sub-modules, and every
+# missing name) costs microseconds, and these run for every adapted layer twice a step.
+
 def _base_matmul(base, rows):
-    fp8_state = getattr(base, "_stackwise_fp8", None)
+    fp8_state = base.__dict__.get("_stackwise_fp8")
     if fp8_state is not None:
         from tools.finetune.fp8 import forward_matmul
 
         return forward_matmul(rows, *fp8_state, rows.dtype)
-    return rows @ base.weight.t()
+    return rows @ base._parameters["weight"].t()
 
 
 def _base_input_grad(base, grad):
-    fp8_state = getattr(base, "_stackwise_fp8", None)
+    fp8_state = base.__dict__.get("_stackwise_fp8")
     if fp8_state is not None:
         from tools.finetune.fp8 import input_grad_matmul
 
         return input_grad_matmul(grad, *fp8_state, grad.dtype)
-    return grad @ base.weight
+    return grad @ base._parameters["weight"]
 
 
 def _make_function():
@@ -124,15 +127,17 @@ def _make_function():
 
         @staticmethod
         def forward(ctx, x, lora_a, lora_b, base, scaling: float, p: float, dtype):
-            rows = x.reshape(-1, x.shape[-1]).to(dtype)
+            rows = x.reshape(-1, x.shape[-1])
+            rows = rows if rows.dtype == dtype else rows.to(dtype)
             a, b = lora_a.to(dtype), (lora_b * scaling).to(dtype)
             # the seed comes from the global generator, so a recomputed forward (checkpointing) draws it again
             seed = int(torch.randint(0, 2**31 - 1, (), device="cpu")) if p > 0 else None
             h = _dropped(rows, p, seed) @ a.t()
             out = _base_matmul(base, rows)
             out.addmm_(h, b.t())
-            if base.bias is not None:
-                out += base.bias.to(dtype)
+            bias = base._parameters.get("bias")
+            if bias is not None:
+                out += bias if bias.dtype == dtype else bias.to(dtype)
             ctx.base, ctx.scaling, ctx.p, ctx.seed, ctx.shape = base, scaling, p, seed, x.shape
             ctx.dtypes = (x.dtype, lora_a.dtype, lora_b.dtype)
             ctx.save_for_backward(rows, h, a, b)
@@ -142,7 +147,8 @@ def _make_function():
         def backward(ctx, grad):
             rows, h, a, b = ctx.saved_tensors
             x_dtype, a_dtype, b_dtype = ctx.dtypes
-            g = grad.reshape(-1, grad.shape[-1]).to(rows.dtype)
+            g = grad.reshape(-1, grad.shape[-1])
+            g = g if g.dtype == rows.dtype else g.to(rows.dtype)
             gh = g @ b                                           # (M, r): the gradient reaching h
             grad_a = (gh.t() @ _dropped(rows, ctx.p, ctx.seed)).to(a_dtype) if ctx.needs_input_grad[1] else None
             grad_b = (g.t() @ h).mul_(ctx.scaling).to(b_dtype) if ctx.needs_input_grad[2] else None
@@ -153,7 +159,8 @@ def _make_function():
                     dx.addmm_(gh, a)
                 else:
                     dx = _dropped(gh @ a, ctx.p, ctx.seed, accumulate=dx)
-                dx = dx.reshape(ctx.shape).to(x_dtype)
+                dx = dx.reshape(ctx.shape)
+                dx = dx if dx.dtype == x_dtype else dx.to(x_dtype)
             return dx, grad_a, grad_b, None, None, None, None
 
     return LoRALinear
@@ -189,17 +196,15 @@ def _why_not(module) -> str | None:
 
 def _forward(module, x, *args, **kwargs):
     global _FUNCTION
-    if args or kwargs or module.disable_adapters or module.merged:
-        return type(module).forward(module, x, *args, **kwargs)      # peft's own path (mixed batches, merged …)
+    active, base, lora_a, lora_b, scaling, p = module.__dict__["_stackwise_fused"]
+    # peft's own path for what this does not cover: mixed-adapter batches, merged or disabled adapters, another
+    # adapter made active since (the plain attributes behind peft's properties, read directly)
+    if args or kwargs or module._disable_adapters or module.merged_adapters or module._active_adapter != active:
+        return type(module).forward(module, x, *args, **kwargs)
     if _FUNCTION is None:
         _FUNCTION = _make_function()
-    name = module.active_adapters[0]
-    base = module.get_base_layer()
-    dropout = module.lora_dropout[name]
-    p = float(dropout.p) if hasattr(dropout, "p") and module.training else 0.0
-    dtype = getattr(base, "_stackwise_dtype", None) or base.weight.dtype
-    return _FUNCTION.apply(x, module.lora_A[name].weight, module.lora_B[name].weight, base,
-                           float(module.scaling[name]), p, dtype)
+    dtype = base.__dict__.get("_stackwise_dtype") or base._parameters["weight"].dtype
+    return _FUNCTION.apply(x, lora_a, lora_b, base, scaling, p if module.training else 0.0, dtype)
 
 
 @dataclass
@@ -225,6 +230,11 @@ def enable(model) -> FusedLoRA:
         if reason:
             state.skipped[reason] = state.skipped.get(reason, 0) + 1
             continue
+        name = module.active_adapters[0]
+        dropout = module.lora_dropout[name]
+        module._stackwise_fused = (module._active_adapter, module.get_base_layer(), module.lora_A[name].weight,
+                                   module.lora_B[name].weight, float(module.scaling[name]),
+                                   float(getattr(dropout, "p", 0.0)))
         module.forward = partial(_forward, module)
         state.layers.append(module)
     log.info("fused LoRA: %d adapted layers in one autograd function each%s", len(state.layers),
@@ -239,6 +249,7 @@ def restore(state: FusedLoRA | None) -> None:
         return
     for module in state.layers:
         module.__dict__.pop("forward", None)
+        module.__dict__.pop("_stackwise_fused", None)
     state.layers.clear()
 
 
