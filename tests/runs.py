@@ -62,3 +62,32 @@ def tiny_lora_model(path: Path):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
                                             init_lora_weights=False))
+
+
+def speed_run(root: Path, model: Path, speed: dict):
+    """A 12-step pattern run through the whole trainer with these spec.json ``speed`` options (no held-out
+    evaluation): (outcome, summary, the logged losses). Fails the test unless it succeeds and the adapter it
+    saved, loaded onto the untouched base, answers as the trained model does."""
+    import json
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tools.finetune.tiny import write_pattern_run
+    from tools.finetune.train import run
+
+    run_dir = write_pattern_run(root, model, max_steps=12, batch_size=4)
+    spec = json.loads((run_dir / "spec.json").read_text())
+    (run_dir / "spec.json").write_text(json.dumps({**spec, "speed": speed, "evaluate": False}))
+    outcome = run(run_dir)
+    assert outcome.code == 0, outcome.summary
+    summary = json.loads((run_dir / "summary.json").read_text())
+    losses = [json.loads(line)["loss"] for line in (run_dir / "progress.jsonl").read_text().splitlines()
+              if json.loads(line).get("loss") is not None]
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model), run_dir / "adapter")
+    ids = torch.randint(3, 200, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, outcome.model(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)
+    return outcome, summary, losses

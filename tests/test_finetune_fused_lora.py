@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from runs import tiny_lora_model  # noqa: E402
+from runs import speed_run, tiny_lora_model  # noqa: E402
 
 from tools.finetune import fused_lora  # noqa: E402
 
@@ -193,34 +193,15 @@ def test_callback_records_the_switch(tiny):
 def test_a_run_with_the_fused_layer_follows_the_plain_run(tiny, tmp_path):
     """The whole trainer path (spec.json "speed": {"fused_lora": true}, on CPU in fp32): the same losses step by
     step as peft's own layers, the switch recorded, peft's forward back before the adapter is saved."""
-    import json
-
-    from peft import PeftModel
     from peft.tuners.lora import LoraLayer
-    from transformers import AutoModelForCausalLM
-
-    from tools.finetune.tiny import write_pattern_run
-    from tools.finetune.train import run
 
     losses = {}
     for name, speed in (("plain", {}), ("fused", {"fused_lora": True})):
-        run_dir = write_pattern_run(tmp_path / name, tiny, max_steps=12, batch_size=4)
-        spec = json.loads((run_dir / "spec.json").read_text())
-        (run_dir / "spec.json").write_text(json.dumps({**spec, "speed": speed, "evaluate": False}))
-        outcome = run(run_dir)
-        assert outcome.code == 0, outcome.summary
-        summary = json.loads((run_dir / "summary.json").read_text())
+        outcome, summary, losses[name] = speed_run(tmp_path / name, tiny, speed)
         assert summary["speed"]["fused_lora"] == (name == "fused")
         assert ("fused_lora" in summary["speed"]["applied"]) == (name == "fused")
-        losses[name] = [json.loads(line)["loss"] for line in (run_dir / "progress.jsonl").read_text().splitlines()
-                        if json.loads(line).get("loss") is not None]
         lora_layers = [m for m in outcome.model.modules() if isinstance(m, LoraLayer)]
         assert len(lora_layers) == 14 and all("forward" not in m.__dict__ for m in lora_layers)
-        reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny), run_dir / "adapter")
-        ids = torch.randint(3, 200, (1, 12), generator=torch.Generator().manual_seed(3))
-        with torch.no_grad():
-            torch.testing.assert_close(reloaded(input_ids=ids).logits, outcome.model(input_ids=ids).logits,
-                                       rtol=1e-5, atol=1e-5)
     assert len(losses["fused"]) == len(losses["plain"]) >= 12
     assert losses["fused"][-1] < losses["fused"][0]
     for fused, plain in zip(losses["fused"], losses["plain"], strict=True):
@@ -247,3 +228,13 @@ def test_checkpointed_layers_redraw_the_same_dropout(tiny, reentrant):
     assert loss == pytest.approx(loss_ckpt, rel=1e-6)
     for name in grads:
         assert close(grads_ckpt[name], grads[name]), name
+
+
+def test_the_switch_says_why_it_does_not_apply():
+    from tools.finetune.speed import Speedups, fused_lora_callback
+
+    for method, reason in (("qlora", "4-bit"), ("full", "no adapters")):
+        speed = Speedups(fused_lora=True)
+        assert fused_lora_callback(speed, method) is None and reason in speed.skipped["fused_lora"]
+    assert fused_lora_callback(Speedups(), "lora") is None            # not asked for
+    assert fused_lora_callback(Speedups(fused_lora=True), "lora") is not None

@@ -130,16 +130,29 @@ def apply_before_load(speed: Speedups, model_type: str, *, cuda: bool) -> None:
     log.info("liger kernels on for %s (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy)", model_type)
 
 
+# why a LoRA-only switch does not apply to the other methods
+NOT_FOR = {"fp8": {"qlora": "only for LoRA: QLoRA's base weights are already 4-bit",
+                   "full": "only for LoRA: a full fine-tune trains the weights"},
+           "fused_lora": {"qlora": "QLoRA's 4-bit base layers keep peft's forward",
+                          "full": "only for LoRA: a full fine-tune has no adapters"}}
+
+
+def _lora_only(speed: Speedups, switch: str, method: str) -> bool:
+    """Whether the LoRA-only ``switch`` is on and can apply to ``method`` (if not, why: ``speed.skipped``)."""
+    if not getattr(speed, switch):
+        return False
+    if method != "lora":
+        speed.skipped[switch] = NOT_FOR[switch].get(method, "only for LoRA")
+        return False
+    return True
+
+
 def fp8_callback(speed: Speedups, method: str, *, cuda: bool):
     """The Trainer callback that runs the frozen base weights in FP8, or ``None`` (why not: ``speed.skipped``)."""
-    if not speed.fp8:
+    if not _lora_only(speed, "fp8", method):
         return None
     from tools.finetune import fp8
 
-    if method != "lora":
-        speed.skipped["fp8"] = ("only for LoRA: QLoRA's base weights are already 4-bit" if method == "qlora"
-                                else "only for LoRA: a full fine-tune trains the weights")
-        return None
     reason = fp8.supported(cuda)
     if reason:
         speed.skipped["fp8"] = reason
@@ -149,11 +162,7 @@ def fp8_callback(speed: Speedups, method: str, *, cuda: bool):
 
 def fused_lora_callback(speed: Speedups, method: str):
     """The Trainer callback that runs the LoRA layers fused, or ``None`` (why not: ``speed.skipped``)."""
-    if not speed.fused_lora:
-        return None
-    if method != "lora":
-        speed.skipped["fused_lora"] = ("QLoRA's 4-bit base layers keep peft's forward" if method == "qlora"
-                                       else "only for LoRA: a full fine-tune has no adapters")
+    if not _lora_only(speed, "fused_lora", method):
         return None
     from tools.finetune import fused_lora
 
