@@ -103,8 +103,10 @@ def adapter(run_dir: Path) -> dict:
 
 
 def test_two_processes_at_batch_2_train_the_same_adapter_as_one_at_batch_4(tiny, tmp_path):
+    """DDP on CPU; the two-process run also uses the fused LoRA layer (the GPU default, asked for here), so the
+    one-process run with peft's own layers is the reference for both."""
     one = write_run(tmp_path / "one", tiny, batch_size=4, max_steps=6)
-    two = write_run(tmp_path / "two", tiny, batch_size=2, max_steps=6)
+    two = write_run(tmp_path / "two", tiny, batch_size=2, max_steps=6, speed={"fused_lora": True})
     done = train(one, 1)
     assert done.returncode == 0, done.stderr[-2000:]
     done = train(two, 2)
@@ -115,6 +117,7 @@ def test_two_processes_at_batch_2_train_the_same_adapter_as_one_at_batch_4(tiny,
     assert a["status"] == b["status"] == "succeeded"
     assert (a["gpus"], a["global_batch"]) == (1, 4) and (b["gpus"], b["global_batch"]) == (2, 4)
     assert a["steps"] == b["steps"] == 6
+    assert "fused_lora" in b["speed"]["applied"] and "fused_lora" not in a["speed"]["applied"]
     # the same global batches: the same loss at every step (fp32 on CPU: only summation order differs)
     losses_a, losses_b = [p["loss"] for p in progress(one)], [p["loss"] for p in progress(two)]
     assert [p["step"] for p in progress(two)] == list(range(1, 7))        # one line per step: rank 0 alone writes
