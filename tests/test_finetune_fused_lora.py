@@ -126,6 +126,22 @@ def test_dropout_mask_is_drawn_again_from_its_seed(tiny):
     assert torch.allclose(fused_lora._dropped(rows, 0.4, 5), rows * mask / 0.6)
 
 
+def test_keeping_the_dropped_input_gives_the_same_step(tiny):
+    """keep_dropped trades memory for a kernel pass: the same seeds, so the same loss and gradients."""
+    results = []
+    for keep in (False, True):
+        model = tiny_lora_model(tiny)
+        for module in model.modules():
+            if hasattr(module, "lora_dropout"):
+                module.lora_dropout["default"] = torch.nn.Dropout(0.3)
+        fused_lora.enable(model, keep_dropped=keep)
+        torch.manual_seed(9)
+        results.append(loss_and_grads(model))
+    (loss, grads, dx), (loss_kept, grads_kept, dx_kept) = results
+    assert loss == loss_kept and close(dx_kept, dx)
+    assert all(close(grads_kept[n], grads[n], 1e-6) for n in grads)
+
+
 def test_eval_mode_has_no_dropout_and_no_graph(tiny):
     model = tiny_lora_model(tiny)
     for module in model.modules():

@@ -126,13 +126,14 @@ def _make_function():
         """``base(x) + s · B(A(dropout(x)))`` for a frozen ``base`` (see the module docstring)."""
 
         @staticmethod
-        def forward(ctx, x, lora_a, lora_b, base, scaling: float, p: float, dtype):
+        def forward(ctx, x, lora_a, lora_b, base, scaling: float, p: float, dtype, keep_dropped: bool = False):
             rows = x.reshape(-1, x.shape[-1])
             rows = rows if rows.dtype == dtype else rows.to(dtype)
             a, b = lora_a.to(dtype), (lora_b * scaling).to(dtype)
             # the seed comes from the global generator, so a recomputed forward (checkpointing) draws it again
             seed = int(torch.randint(0, 2**31 - 1, (), device="cpu")) if p > 0 else None
-            h = _dropped(rows, p, seed) @ a.t()
+            dropped = _dropped(rows, p, seed)
+            h = dropped @ a.t()
             out = _base_matmul(base, rows)
             out.addmm_(h, b.t())
             bias = base._parameters.get("bias")
@@ -140,17 +141,21 @@ def _make_function():
                 out += bias if bias.dtype == dtype else bias.to(dtype)
             ctx.base, ctx.scaling, ctx.p, ctx.seed, ctx.shape = base, scaling, p, seed, x.shape
             ctx.dtypes = (x.dtype, lora_a.dtype, lora_b.dtype)
-            ctx.save_for_backward(rows, h, a, b)
+            # A's gradient needs the dropped-out input: drawn again (no memory), or kept (one kernel pass fewer)
+            ctx.kept = keep_dropped and seed is not None
+            ctx.save_for_backward(dropped if ctx.kept else rows, h, a, b)
             return out.reshape(*x.shape[:-1], out.shape[-1])
 
         @staticmethod
         def backward(ctx, grad):
-            rows, h, a, b = ctx.saved_tensors
+            saved, h, a, b = ctx.saved_tensors
+            rows = saved
             x_dtype, a_dtype, b_dtype = ctx.dtypes
             g = grad.reshape(-1, grad.shape[-1])
             g = g if g.dtype == rows.dtype else g.to(rows.dtype)
             gh = g @ b                                           # (M, r): the gradient reaching h
-            grad_a = (gh.t() @ _dropped(rows, ctx.p, ctx.seed)).to(a_dtype) if ctx.needs_input_grad[1] else None
+            dropped = saved if ctx.kept else _dropped(saved, ctx.p, ctx.seed) if ctx.needs_input_grad[1] else None
+            grad_a = (gh.t() @ dropped).to(a_dtype) if ctx.needs_input_grad[1] else None
             grad_b = (g.t() @ h).mul_(ctx.scaling).to(b_dtype) if ctx.needs_input_grad[2] else None
             dx = None
             if ctx.needs_input_grad[0]:
@@ -161,7 +166,7 @@ def _make_function():
                     dx = _dropped(gh @ a, ctx.p, ctx.seed, accumulate=dx)
                 dx = dx.reshape(ctx.shape)
                 dx = dx if dx.dtype == x_dtype else dx.to(x_dtype)
-            return dx, grad_a, grad_b, None, None, None, None
+            return dx, grad_a, grad_b, None, None, None, None, None
 
     return LoRALinear
 
@@ -196,7 +201,7 @@ def _why_not(module) -> str | None:
 
 def _forward(module, x, *args, **kwargs):
     global _FUNCTION
-    active, base, lora_a, lora_b, scaling, p = module.__dict__["_stackwise_fused"]
+    active, base, lora_a, lora_b, scaling, p, keep = module.__dict__["_stackwise_fused"]
     # peft's own path for what this does not cover: mixed-adapter batches, merged or disabled adapters, another
     # adapter made active since (the plain attributes behind peft's properties, read directly)
     if args or kwargs or module._disable_adapters or module.merged_adapters or module._active_adapter != active:
@@ -204,7 +209,7 @@ def _forward(module, x, *args, **kwargs):
     if _FUNCTION is None:
         _FUNCTION = _make_function()
     dtype = base.__dict__.get("_stackwise_dtype") or base._parameters["weight"].dtype
-    return _FUNCTION.apply(x, lora_a, lora_b, base, scaling, p if module.training else 0.0, dtype)
+    return _FUNCTION.apply(x, lora_a, lora_b, base, scaling, p if module.training else 0.0, dtype, keep)
 
 
 @dataclass
@@ -218,8 +223,11 @@ class FusedLoRA:
         return len(self.layers)
 
 
-def enable(model) -> FusedLoRA:
-    """Route every LoRA linear layer that :class:`LoRALinear` can take through it; :func:`restore` undoes it."""
+def enable(model, *, keep_dropped: bool = False) -> FusedLoRA:
+    """Route every LoRA linear layer that :class:`LoRALinear` can take through it; :func:`restore` undoes it.
+    ``keep_dropped``: with LoRA dropout, keep each layer's dropped-out input for the backward (memory: 2 B per
+    input feature and token) instead of drawing it again (one dropout-kernel pass per layer and step) — measured
+    by ``speed_bench.py`` variant ``fast_keep``, not used by the trainer."""
     from peft.tuners.lora import LoraLayer
 
     state = FusedLoRA()
@@ -234,7 +242,7 @@ def enable(model) -> FusedLoRA:
         dropout = module.lora_dropout[name]
         module._stackwise_fused = (module._active_adapter, module.get_base_layer(), module.lora_A[name].weight,
                                    module.lora_B[name].weight, float(module.scaling[name]),
-                                   float(getattr(dropout, "p", 0.0)))
+                                   float(getattr(dropout, "p", 0.0)), keep_dropped)
         module.forward = partial(_forward, module)
         state.layers.append(module)
     log.info("fused LoRA: %d adapted layers in one autograd function each%s", len(state.layers),
