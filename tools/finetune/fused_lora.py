@@ -34,6 +34,8 @@ import logging
 from dataclasses import dataclass, field
 from functools import partial
 
+from tools.finetune import lora_kernels
+
 log = logging.getLogger("stackwise.train")
 
 
@@ -126,14 +128,21 @@ def _make_function():
         """``base(x) + s · B(A(dropout(x)))`` for a frozen ``base`` (see the module docstring)."""
 
         @staticmethod
-        def forward(ctx, x, lora_a, lora_b, base, scaling: float, p: float, dtype, keep_dropped: bool = False):
+        def forward(ctx, x, lora_a, lora_b, base, scaling: float, p: float, dtype, keep_dropped: bool = False,
+                    kernels: bool = False):
             rows = x.reshape(-1, x.shape[-1])
             rows = rows if rows.dtype == dtype else rows.to(dtype)
             a, b = lora_a.to(dtype), (lora_b * scaling).to(dtype)
             # the seed comes from the global generator, so a recomputed forward (checkpointing) draws it again
             seed = int(torch.randint(0, 2**31 - 1, (), device="cpu")) if p > 0 else None
-            dropped = _dropped(rows, p, seed)
-            h = dropped @ a.t()
+            # with dropout, optionally the Triton kernels that apply the mask inside the thin matmuls
+            ctx.kernels = kernels and seed is not None and lora_kernels.usable(rows, a.shape[0])
+            if ctx.kernels:
+                rows = rows.contiguous()
+                dropped, h = None, lora_kernels.thin_forward(rows, a, p, seed)
+            else:
+                dropped = _dropped(rows, p, seed)
+                h = dropped @ a.t()
             out = _base_matmul(base, rows)
             out.addmm_(h, b.t())
             bias = base._parameters.get("bias")
@@ -142,7 +151,7 @@ def _make_function():
             ctx.base, ctx.scaling, ctx.p, ctx.seed, ctx.shape = base, scaling, p, seed, x.shape
             ctx.dtypes = (x.dtype, lora_a.dtype, lora_b.dtype)
             # A's gradient needs the dropped-out input: drawn again (no memory), or kept (one kernel pass fewer)
-            ctx.kept = keep_dropped and seed is not None
+            ctx.kept = keep_dropped and seed is not None and not ctx.kernels
             ctx.save_for_backward(dropped if ctx.kept else rows, h, a, b)
             return out.reshape(*x.shape[:-1], out.shape[-1])
 
@@ -154,19 +163,25 @@ def _make_function():
             g = grad.reshape(-1, grad.shape[-1])
             g = g if g.dtype == rows.dtype else g.to(rows.dtype)
             gh = g @ b                                           # (M, r): the gradient reaching h
-            dropped = saved if ctx.kept else _dropped(saved, ctx.p, ctx.seed) if ctx.needs_input_grad[1] else None
-            grad_a = (gh.t() @ dropped).to(a_dtype) if ctx.needs_input_grad[1] else None
+            grad_a = None
+            if ctx.needs_input_grad[1] and ctx.kernels:
+                grad_a = lora_kernels.thin_grad_a(saved, gh, ctx.p, ctx.seed).to(a_dtype)
+            elif ctx.needs_input_grad[1]:
+                dropped = saved if ctx.kept else _dropped(saved, ctx.p, ctx.seed)
+                grad_a = (gh.t() @ dropped).to(a_dtype)
             grad_b = (g.t() @ h).mul_(ctx.scaling).to(b_dtype) if ctx.needs_input_grad[2] else None
             dx = None
             if ctx.needs_input_grad[0]:
                 dx = _base_input_grad(ctx.base, g)
                 if ctx.seed is None:
                     dx.addmm_(gh, a)
+                elif ctx.kernels and dx.is_contiguous():
+                    dx = lora_kernels.masked_accumulate(dx, gh, a, ctx.p, ctx.seed)
                 else:
                     dx = _dropped(gh @ a, ctx.p, ctx.seed, accumulate=dx)
                 dx = dx.reshape(ctx.shape)
                 dx = dx if dx.dtype == x_dtype else dx.to(x_dtype)
-            return dx, grad_a, grad_b, None, None, None, None, None
+            return dx, grad_a, grad_b, None, None, None, None, None, None
 
     return LoRALinear
 
@@ -201,7 +216,7 @@ def _why_not(module) -> str | None:
 
 def _forward(module, x, *args, **kwargs):
     global _FUNCTION
-    active, base, lora_a, lora_b, scaling, p, keep = module.__dict__["_stackwise_fused"]
+    active, base, lora_a, lora_b, scaling, p, keep, kernels = module.__dict__["_stackwise_fused"]
     # peft's own path for what this does not cover: mixed-adapter batches, merged or disabled adapters, another
     # adapter made active since (the plain attributes behind peft's properties, read directly)
     if args or kwargs or module._disable_adapters or module.merged_adapters or module._active_adapter != active:
@@ -209,7 +224,7 @@ def _forward(module, x, *args, **kwargs):
     if _FUNCTION is None:
         _FUNCTION = _make_function()
     dtype = base.__dict__.get("_stackwise_dtype") or base._parameters["weight"].dtype
-    return _FUNCTION.apply(x, lora_a, lora_b, base, scaling, p if module.training else 0.0, dtype, keep)
+    return _FUNCTION.apply(x, lora_a, lora_b, base, scaling, p if module.training else 0.0, dtype, keep, kernels)
 
 
 @dataclass
@@ -223,11 +238,13 @@ class FusedLoRA:
         return len(self.layers)
 
 
-def enable(model, *, keep_dropped: bool = False) -> FusedLoRA:
+def enable(model, *, keep_dropped: bool = False, kernels: bool = False) -> FusedLoRA:
     """Route every LoRA linear layer that :class:`LoRALinear` can take through it; :func:`restore` undoes it.
     ``keep_dropped``: with LoRA dropout, keep each layer's dropped-out input for the backward (memory: 2 B per
     input feature and token) instead of drawing it again (one dropout-kernel pass per layer and step) — measured
-    by ``speed_bench.py`` variant ``fast_keep``, not used by the trainer."""
+    by ``speed_bench.py`` variant ``fast_keep``, not used by the trainer. ``kernels``: with LoRA dropout, the
+    Triton kernels of :mod:`tools.finetune.lora_kernels` (mask applied inside the thin matmuls; bench variant
+    ``fast_kernels``, not used by the trainer until measured)."""
     from peft.tuners.lora import LoraLayer
 
     state = FusedLoRA()
@@ -242,7 +259,7 @@ def enable(model, *, keep_dropped: bool = False) -> FusedLoRA:
         dropout = module.lora_dropout[name]
         module._stackwise_fused = (module._active_adapter, module.get_base_layer(), module.lora_A[name].weight,
                                    module.lora_B[name].weight, float(module.scaling[name]),
-                                   float(getattr(dropout, "p", 0.0)), keep_dropped)
+                                   float(getattr(dropout, "p", 0.0)), keep_dropped, kernels)
         module.forward = partial(_forward, module)
         state.layers.append(module)
     log.info("fused LoRA: %d adapted layers in one autograd function each%s", len(state.layers),
