@@ -45,6 +45,10 @@ def rel(a, b) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
+# the interpreter multiplies fp32 exactly; a GPU's tl.dot takes fp32 inputs as TF32 (10-bit mantissa)
+TOL = 1e-5 if not torch.cuda.is_available() else 5e-3
+
+
 @pytest.mark.parametrize(("m", "k", "r"), [(200, 96, 16), (130, 70, 8), (64, 128, 32)])
 def test_the_three_kernels_match_pytorch_with_the_same_mask(m, k, r):
     assert lora_kernels.kernels() is not None
@@ -58,12 +62,12 @@ def test_the_three_kernels_match_pytorch_with_the_same_mask(m, k, r):
     assert 0.6 < float((keep != 0).float().mean()) < 0.9
     dropped = rows * keep
     h = lora_kernels.thin_forward(rows.contiguous(), a.contiguous(), p, seed)
-    assert h.shape == (m, r) and rel(h, dropped @ a.t()) < 1e-5
+    assert h.shape == (m, r) and rel(h, dropped @ a.t()) < TOL
     grad_a = lora_kernels.thin_grad_a(rows.contiguous(), gh.contiguous(), p, seed)
-    assert grad_a.dtype == torch.float32 and grad_a.shape == (r, k) and rel(grad_a, gh.t() @ dropped) < 1e-5
+    assert grad_a.dtype == torch.float32 and grad_a.shape == (r, k) and rel(grad_a, gh.t() @ dropped) < TOL
     expected = dx + (gh @ a) * keep
     got = lora_kernels.masked_accumulate(dx.clone(), gh.contiguous(), a.contiguous(), p, seed)
-    assert rel(got, expected) < 1e-5
+    assert rel(got, expected) < TOL
 
 
 def test_the_fused_layer_with_kernels_equals_the_one_without(monkeypatch):
@@ -86,7 +90,7 @@ def test_the_fused_layer_with_kernels_equals_the_one_without(monkeypatch):
         results.append((out.detach(), x.grad, a.grad, b.grad))
     assert calls == [1]                       # the kernels ran in the second pass only
     for plain, fused in zip(*results, strict=True):
-        assert rel(fused, plain) < 1e-5
+        assert rel(fused, plain) < TOL
 
 
 def wrap_on_device(dropped):
