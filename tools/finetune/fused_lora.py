@@ -157,11 +157,10 @@ def _make_function():
 
         @staticmethod
         def backward(ctx, grad):
-            saved, h, a, b = ctx.saved_tensors
-            rows = saved
+            saved, h, a, b = ctx.saved_tensors                  # saved: the input rows, or the dropped-out ones
             x_dtype, a_dtype, b_dtype = ctx.dtypes
             g = grad.reshape(-1, grad.shape[-1])
-            g = g if g.dtype == rows.dtype else g.to(rows.dtype)
+            g = g if g.dtype == saved.dtype else g.to(saved.dtype)
             gh = g @ b                                           # (M, r): the gradient reaching h
             grad_a = None
             if ctx.needs_input_grad[1] and ctx.kernels:
