@@ -112,3 +112,19 @@ def test_unsloth_is_imported_first_only_for_a_run_that_will_use_it(tmp_path, mon
     monkeypatch.setattr(engines, "unsloth_installed", lambda: False)
     assert not engines.preload_for_run(spec("unsloth"))
     assert not engines.preload_for_run([str(tmp_path / "missing")]) and not engines.preload_for_run([])
+
+
+def test_with_unsloth_our_kernels_step_aside_and_the_summary_says_so(monkeypatch):
+    from tools.finetune import engines, train_setup
+    from tools.finetune.speed import choose
+
+    monkeypatch.setattr(engines, "load_unsloth", lambda job, device, max_seq_len: ("model", "tok"))
+    spec = FinetuneSpec(base_model="m", dataset="d.jsonl", method="lora")
+    job = Job(spec=spec, base_model_path=Path("/models/qwen"), job_id="ft-1", gradient_checkpointing=False,
+              train_rows=[])
+    job.speed = choose(None, total_params=7_615_616_512)
+    job.speed.applied.append("liger")
+    assert job.speed.liger and job.speed.fused_lora
+    assert train_setup._load_unsloth(job, Device(cuda=True, bf16=True)) == ("model", "tok")
+    assert not job.speed.liger and not job.speed.fused_lora and job.speed.applied == []
+    assert "unsloth" in job.speed.skipped["liger"] and "unsloth" in job.speed.skipped["fused_lora"]

@@ -278,6 +278,8 @@ def _load_unsloth(job: Job, device: Device):
     if job.speed.liger:     # unsloth brings its own fused kernels
         job.speed.liger, job.speed.skipped["liger"] = False, "unsloth has its own kernels"
         job.speed.applied = [a for a in job.speed.applied if a != "liger"]
+    if job.speed.fused_lora:
+        job.speed.fused_lora, job.speed.skipped["fused_lora"] = False, "unsloth has its own LoRA kernels"
     try:
         return load_unsloth(job, device, max_seq_len=job.spec.max_seq_len)
     except (OSError, ValueError, KeyError, NotImplementedError, RuntimeError) as exc:
