@@ -41,6 +41,15 @@ def loss_and_grads(model):
     return float(loss.detach()), grads, embeds.grad.detach().clone()
 
 
+def set_dropout(model, dropout):
+    """Every LoRA layer's dropout module replaced by ``dropout`` (a probability: ``nn.Dropout`` of it)."""
+    module_ = torch.nn.Dropout(dropout) if isinstance(dropout, float) else dropout
+    for module in model.modules():
+        if hasattr(module, "lora_dropout"):
+            module.lora_dropout["default"] = module_
+    return model
+
+
 def close(a, b, tol=1e-5) -> bool:
     return float((a - b).norm() / b.norm().clamp(min=1e-12)) < tol
 
@@ -73,7 +82,6 @@ def test_the_fused_function_really_runs(tiny, monkeypatch):
 
 def test_dropout_uses_one_mask_for_forward_and_backward(tiny, monkeypatch):
     """With LoRA dropout the fused layer equals peft's when both drop the same positions."""
-    import peft
 
     model = tiny_lora_model(tiny)
     p = 0.3
@@ -91,9 +99,7 @@ def test_dropout_uses_one_mask_for_forward_and_backward(tiny, monkeypatch):
             rows = x.reshape(-1, x.shape[-1])
             return (rows * fixed_mask(rows, self.p) / (1 - self.p)).reshape(x.shape)
 
-    for module in model.modules():
-        if isinstance(module, peft.tuners.lora.LoraLayer):
-            module.lora_dropout["default"] = FixedDropout(p)
+    set_dropout(model, FixedDropout(p))
     ref_loss, ref_grads, ref_dx = loss_and_grads(model)
     monkeypatch.setattr(fused_lora, "_dropout_mask", fixed_mask)
     state = fused_lora.enable(model)
@@ -111,9 +117,7 @@ def test_dropout_mask_is_drawn_again_from_its_seed(tiny):
     """Without a fixed mask: the backward's mask is the forward's (the input gradient of the LoRA path only
     flows through kept positions), and the same global seed gives the same step."""
     model = tiny_lora_model(tiny)
-    for module in model.modules():
-        if hasattr(module, "lora_dropout"):
-            module.lora_dropout["default"] = torch.nn.Dropout(0.4)
+    set_dropout(model, 0.4)
     fused_lora.enable(model)
     torch.manual_seed(11)
     first = loss_and_grads(model)
@@ -131,9 +135,7 @@ def test_keeping_the_dropped_input_gives_the_same_step(tiny):
     results = []
     for keep in (False, True):
         model = tiny_lora_model(tiny)
-        for module in model.modules():
-            if hasattr(module, "lora_dropout"):
-                module.lora_dropout["default"] = torch.nn.Dropout(0.3)
+        set_dropout(model, 0.3)
         fused_lora.enable(model, keep_dropped=keep)
         torch.manual_seed(9)
         results.append(loss_and_grads(model))
@@ -144,9 +146,7 @@ def test_keeping_the_dropped_input_gives_the_same_step(tiny):
 
 def test_eval_mode_has_no_dropout_and_no_graph(tiny):
     model = tiny_lora_model(tiny)
-    for module in model.modules():
-        if hasattr(module, "lora_dropout"):
-            module.lora_dropout["default"] = torch.nn.Dropout(0.5)
+    set_dropout(model, 0.5)
     model.eval()
     with torch.no_grad():
         expected = model(**batch()).logits
@@ -231,9 +231,7 @@ def test_checkpointed_layers_redraw_the_same_dropout(tiny, reentrant):
     results = []
     for checkpointing in (False, True):
         model = tiny_lora_model(tiny)
-        for module in model.modules():
-            if hasattr(module, "lora_dropout"):
-                module.lora_dropout["default"] = torch.nn.Dropout(0.3)
+        set_dropout(model, 0.3)
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
             model.enable_input_require_grads()

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
 
-from evals.gpu.speed_bench import VARIANTS, apply_variant, model_dir  # noqa: E402
+from evals.gpu.speed_bench import VARIANTS, apply_variant, model_dir, report_one, run_isolated  # noqa: E402
 
 TOLERANCE = 1.5     # × plain bf16's error
 
@@ -108,12 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
-        try:
-            result = run_one(args.one, args)
-        except Exception as exc:    # a failing variant is a row; the others still run
-            result = {"variant": args.one, "error": f"{type(exc).__name__}: {str(exc)[:500]}"}
-        print("RESULT " + json.dumps(result), flush=True)
-        return 0
+        return report_one(lambda: run_one(args.one, args), {"variant": args.one})
 
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
@@ -123,10 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     for variant in ["fp32", "bf16", *[v for v in args.variants.split(",") if v not in ("fp32", "bf16")]]:
         cmd = [sys.executable, __file__, "--one", variant, "--out", str(out), "--work", str(work), "--shape",
                args.shape, "--batch", str(args.batch), "--seq", str(args.seq)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=os.environ)
-        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-        rows.append(json.loads(line[7:]) if line else {"variant": variant,
-                                                       "error": f"exit {proc.returncode}: {proc.stderr[-800:]}"})
+        rows.append(run_isolated(cmd, {"variant": variant}))
     reference = rows[0]
     if "error" in reference:
         print(f"fp32 reference failed: {reference['error']}")

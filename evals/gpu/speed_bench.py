@@ -146,6 +146,25 @@ def apply_variant(model, options: dict, speed, *, cuda: bool, offload: bool):
     return model
 
 
+def report_one(measure, labels: dict) -> int:
+    """The child side of one isolated measurement: ``measure()``'s row (or its failure, as a row with
+    ``labels``) printed as one ``RESULT`` line, so that a failing variant never stops the others."""
+    try:
+        result = measure()
+    except Exception as exc:    # report the failure as a row; the other variants still run
+        result = {**labels, "error": f"{type(exc).__name__}: {str(exc)[:500]}"}
+    print("RESULT " + json.dumps(result), flush=True)
+    return 0
+
+
+def run_isolated(cmd: list[str], labels: dict) -> dict:
+    """The parent side: run ``cmd`` (this script or another with ``--one``) in a fresh process (Liger patches
+    model classes process-wide) and return its ``RESULT`` row, or a row with ``labels`` saying how it died."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=os.environ)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    return json.loads(line[7:]) if line else {**labels, "error": f"exit {proc.returncode}: {proc.stderr[-800:]}"}
+
+
 def row_lengths(args: argparse.Namespace, count: int) -> list[int]:
     """Chain-of-thought-like row lengths: log-normal, median 700 tokens, between 64 and ``--seq``."""
     import random
@@ -316,13 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.one:
         shape, method, variant = args.one.split(":")
-        try:
-            result = run_one(shape, method, variant, args)
-        except Exception as exc:    # report the failure as a row; the other variants still run
-            result = {"shape": shape, "method": method, "variant": variant,
-                      "error": f"{type(exc).__name__}: {str(exc)[:500]}"}
-        print("RESULT " + json.dumps(result), flush=True)
-        return 0
+        return report_one(lambda: run_one(shape, method, variant, args),
+                          {"shape": shape, "method": method, "variant": variant})
 
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
@@ -337,10 +351,7 @@ def main(argv: list[str] | None = None) -> int:
                    "--work", str(work), "--steps", str(args.steps), "--warmup", str(args.warmup),
                    "--batch", str(batch), "--seq", str(args.seq), "--lengths", args.lengths,
                    "--dropout", str(args.dropout), "--data", args.data] + (["--profile"] if args.profile else [])
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=os.environ)
-            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-            row = json.loads(line[7:]) if line else {"shape": shape, "method": method, "variant": variant,
-                                                     "error": f"exit {proc.returncode}: {proc.stderr[-800:]}"}
+            row = run_isolated(cmd, {"shape": shape, "method": method, "variant": variant})
             rows.append(row)
             print("ROW " + json.dumps({k: v for k, v in row.items() if k != "losses"}), flush=True)
             (out / f"speed-{shape}-{method}.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")

@@ -220,23 +220,9 @@ def restore(state: FP8Layers | None) -> None:
 
 
 def callback(speed, *, offload: bool):
-    """A Trainer callback that switches the base layers to FP8 as training starts (the model is on its device
-    and wrapped for data-parallel by then) and back as it ends; ``speed`` (:class:`Speedups`) records it."""
-    from transformers import TrainerCallback
+    """A Trainer callback that switches the base layers to FP8 as training starts and back as it ends;
+    ``speed`` (:class:`~tools.finetune.speed.Speedups`) records it."""
+    from tools.finetune.speed import switch_callback
 
-    class FP8Callback(TrainerCallback):
-        state: FP8Layers | None = None
-
-        def on_train_begin(self, args, state, control, model=None, **kwargs):
-            if model is not None and self.state is None:
-                self.state = enable(model, offload=offload)
-                if self.state.layers and "fp8" not in speed.applied:
-                    speed.applied.append("fp8")
-                elif not self.state.layers:
-                    speed.skipped["fp8"] = "no frozen linear layer it can take"
-
-        def on_train_end(self, args, state, control, **kwargs):
-            restore(self.state)
-            self.state = None
-
-    return FP8Callback()
+    return switch_callback(speed, "fp8", partial(enable, offload=offload), restore,
+                           lambda state: "no frozen linear layer it can take")

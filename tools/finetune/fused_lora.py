@@ -282,22 +282,7 @@ def restore(state: FusedLoRA | None) -> None:
 def callback(speed):
     """A Trainer callback that turns the fused LoRA layers on as training starts and off as it ends;
     ``speed`` (:class:`~tools.finetune.speed.Speedups`) records whether it applied."""
-    from transformers import TrainerCallback
+    from tools.finetune.speed import switch_callback
 
-    class FusedLoRACallback(TrainerCallback):
-        state: FusedLoRA | None = None
-
-        def on_train_begin(self, args, state, control, model=None, **kwargs):
-            if model is not None and self.state is None:
-                self.state = enable(model)
-                if self.state.layers and "fused_lora" not in speed.applied:
-                    speed.applied.append("fused_lora")
-                elif not self.state.layers:
-                    speed.skipped["fused_lora"] = "no LoRA layer it can take: " + \
-                        (", ".join(self.state.skipped) or "none found")
-
-        def on_train_end(self, args, state, control, **kwargs):
-            restore(self.state)
-            self.state = None
-
-    return FusedLoRACallback()
+    return switch_callback(speed, "fused_lora", enable, restore,
+                           lambda state: "no LoRA layer it can take: " + (", ".join(state.skipped) or "none found"))

@@ -19,6 +19,7 @@ which is how the tests check them.
 from __future__ import annotations
 
 _KERNELS = None
+dropped_tile = None     # the shared tile loader, a Triton function made by _build() with the kernels
 BLOCK_M, BLOCK_K = 64, 64
 SPLIT_M_ROWS = 1024          # rows of M per program in thin_grad_a (its partial sums are added afterwards)
 
@@ -26,6 +27,15 @@ SPLIT_M_ROWS = 1024          # rows of M per program in thin_grad_a (its partial
 def _build():
     import triton
     import triton.language as tl
+
+    global dropped_tile     # a kernel finds the functions it calls among its module's globals
+
+    @triton.jit
+    def dropped_tile(x_ptr, rows, cols, M, K, p, scale, seed):
+        """The (rows × cols) tile of the (M × K) input with the dropout mask of ``seed`` applied."""
+        index = rows[:, None] * K + cols[None, :]
+        x = tl.load(x_ptr + index, mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
+        return tl.where(tl.rand(seed, index) >= p, x * scale, 0.0).to(x_ptr.dtype.element_ty)
 
     @triton.jit(do_not_specialize=["seed"])
     def thin_forward(x_ptr, a_ptr, h_ptr, M, K, R, p, scale, seed,
@@ -35,10 +45,7 @@ def _build():
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
-            inside = (rows[:, None] < M) & (cols[None, :] < K)
-            index = rows[:, None] * K + cols[None, :]
-            x = tl.load(x_ptr + index, mask=inside, other=0.0)
-            x = tl.where(tl.rand(seed, index) >= p, x * scale, 0.0).to(x_ptr.dtype.element_ty)
+            x = dropped_tile(x_ptr, rows, cols, M, K, p, scale, seed)
             a = tl.load(a_ptr + ranks[None, :] * K + cols[:, None],            # Aᵀ tile: (BLOCK_K, BLOCK_R)
                         mask=(cols[:, None] < K) & (ranks[None, :] < R), other=0.0)
             acc += tl.dot(x, a)
@@ -54,10 +61,7 @@ def _build():
         acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
         for m0 in range(split * ROWS, split * ROWS + ROWS, BLOCK_M):
             rows = m0 + tl.arange(0, BLOCK_M)
-            inside = (rows[:, None] < M) & (cols[None, :] < K)
-            index = rows[:, None] * K + cols[None, :]
-            x = tl.load(x_ptr + index, mask=inside, other=0.0)
-            x = tl.where(tl.rand(seed, index) >= p, x * scale, 0.0).to(x_ptr.dtype.element_ty)
+            x = dropped_tile(x_ptr, rows, cols, M, K, p, scale, seed)
             gh_t = tl.load(gh_ptr + rows[None, :] * R + ranks[:, None],          # ghᵀ tile: (BLOCK_R, BLOCK_M)
                            mask=(rows[None, :] < M) & (ranks[:, None] < R), other=0.0)
             acc += tl.dot(gh_t, x)

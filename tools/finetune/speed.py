@@ -130,6 +130,30 @@ def apply_before_load(speed: Speedups, model_type: str, *, cuda: bool) -> None:
     log.info("liger kernels on for %s (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy)", model_type)
 
 
+def switch_callback(speed: Speedups, name: str, enable, restore, why_none):
+    """A Trainer callback for a switch that changes the model in place: ``enable(model)`` as training starts (the
+    model is on its device and wrapped for data-parallel by then) and ``restore(state)`` as it ends, before
+    anything is saved; ``speed`` records it as applied, or why not (``why_none(state)`` when it took nothing)."""
+    from transformers import TrainerCallback
+
+    class SwitchCallback(TrainerCallback):
+        state = None
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            if model is not None and self.state is None:
+                self.state = enable(model)
+                if len(self.state) and name not in speed.applied:
+                    speed.applied.append(name)
+                elif not len(self.state):
+                    speed.skipped[name] = why_none(self.state)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            restore(self.state)
+            self.state = None
+
+    return SwitchCallback()
+
+
 # why a LoRA-only switch does not apply to the other methods
 NOT_FOR = {"fp8": {"qlora": "only for LoRA: QLoRA's base weights are already 4-bit",
                    "full": "only for LoRA: a full fine-tune trains the weights"},
@@ -167,6 +191,13 @@ def fused_lora_callback(speed: Speedups, method: str):
     from tools.finetune import fused_lora
 
     return fused_lora.callback(speed)
+
+
+def training_callbacks(speed: Speedups, method: str, *, cuda: bool) -> list:
+    """The Trainer callbacks of the switches that change the model as training starts (FP8, the fused LoRA
+    layer; the fused layer looks for FP8 weights at every call, so their order does not matter)."""
+    found = (fp8_callback(speed, method, cuda=cuda), fused_lora_callback(speed, method))
+    return [callback for callback in found if callback is not None]
 
 
 def optimizer_name(speed: Speedups, *, cuda: bool) -> str:

@@ -28,7 +28,7 @@ from typing import Any
 
 from tools.finetune.distributed import finish, keep_until_exit, leave, peer_failure, ranks, record_failure
 from tools.finetune.evaluate import HeldOutEvaluation
-from tools.finetune.speed import Speedups, fp8_callback, fused_lora_callback
+from tools.finetune.speed import Speedups, training_callbacks
 from tools.finetune.tracking import TrackingCallback
 from tools.finetune.train_config import PartialCheckpointing, apply_schedule, fsdp_on, lora_config, sft_config
 from tools.finetune.train_progress import CancelFlag, ProgressCallback, gpu_mem_gb, run_logging
@@ -183,13 +183,8 @@ def _train(paths: RunPaths, resume: bool, cancel: CancelFlag, facts: _Facts) -> 
     callbacks = [progress, tracking]
     if job.gradient_checkpointing and job.checkpoint_every > 1 and not unsloth and not fsdp_on(job):
         callbacks.append(PartialCheckpointing(job.checkpoint_every).callback())   # only the layers memory needs
-    if isinstance(job.speed, Speedups) and not unsloth:
-        fp8 = fp8_callback(job.speed, spec.method, cuda=device.cuda)   # frozen base weights in FP8 (opt-in)
-        if fp8 is not None:
-            callbacks.append(fp8)
-        fused = fused_lora_callback(job.speed, spec.method)   # each LoRA layer one autograd function (GPU default)
-        if fused is not None:
-            callbacks.append(fused)
+    if isinstance(job.speed, Speedups) and not unsloth:   # FP8 (opt-in), the fused LoRA layer (GPU default)
+        callbacks += training_callbacks(job.speed, spec.method, cuda=device.cuda)
     trainer = SFTTrainer(
         model=model,
         args=sft_config(job, device, paths.checkpoints, has_eval=bool(job.eval_rows)),
