@@ -23,7 +23,6 @@ from tools.finetune import fused_lora, lora_kernels  # noqa: E402
 @pytest.fixture(autouse=True)
 def fresh_kernels(monkeypatch):
     monkeypatch.setattr(lora_kernels, "_KERNELS", None)          # built anew, under the interpreter on CPU
-    monkeypatch.setattr(fused_lora, "_triton_dropout", None)
     yield
 
 
@@ -32,13 +31,8 @@ def device() -> str:
 
 
 def mask_of(shape, p: float, seed: int):
-    """The flat kernel's mask (× 1/(1 - p)) for a tensor of ``shape``."""
-    ones = torch.ones(shape, dtype=torch.float32, device=device())
-    out = torch.empty_like(ones)
-    kernel = fused_lora._triton_kernel()
-    kernel[((ones.numel() + 1023) // 1024,)](ones, out, out, ones.numel(), p, 1.0 / (1.0 - p), seed,
-                                              ACCUMULATE=False, BLOCK=1024)
-    return out
+    """The flat kernel's mask (× the kept values' scale) for a tensor of ``shape``."""
+    return lora_kernels.dropout(torch.ones(shape, dtype=torch.float32, device=device()), p, seed)
 
 
 def rel(a, b) -> float:
@@ -49,9 +43,11 @@ def rel(a, b) -> float:
 TOL = 1e-5 if not torch.cuda.is_available() else 5e-3
 
 
-@pytest.mark.parametrize(("m", "k", "r"), [(200, 96, 16), (130, 70, 8), (64, 128, 32)])
+@pytest.mark.parametrize(("m", "k", "r"), [(200, 96, 16), (130, 72, 8), (64, 128, 32)])
 def test_the_three_kernels_match_pytorch_with_the_same_mask(m, k, r):
     assert lora_kernels.kernels() is not None
+    assert lora_kernels.usable(torch.empty(m, k, device=device()), r)
+    assert not lora_kernels.usable(torch.empty(m, k - 2, device=device()), r)    # rows must hold whole groups
     g = torch.Generator().manual_seed(m + k + r)
     p, seed = 0.25, 4321
     rows = torch.randn(m, k, generator=g).to(device())
@@ -68,6 +64,11 @@ def test_the_three_kernels_match_pytorch_with_the_same_mask(m, k, r):
     expected = dx + (gh @ a) * keep
     got = lora_kernels.masked_accumulate(dx.clone(), gh.contiguous(), a.contiguous(), p, seed)
     assert rel(got, expected) < TOL
+    # the LoRA scaling s rides along as a factor (the layer's kernel path passes it instead of scaling B)
+    scaled = lora_kernels.thin_grad_a(rows.contiguous(), gh.contiguous(), p, seed, factor=2.5)
+    assert rel(scaled, 2.5 * (gh.t() @ dropped)) < TOL
+    got = lora_kernels.masked_accumulate(dx.clone(), gh.contiguous(), a.contiguous(), p, seed, factor=2.5)
+    assert rel(got, dx + 2.5 * (gh @ a) * keep) < TOL
 
 
 def test_the_fused_layer_with_kernels_equals_the_one_without(monkeypatch):
@@ -102,3 +103,25 @@ def wrap_on_device(dropped):
         result = rows * mask_of(rows.shape, p, seed).to(rows.dtype)
         return result if accumulate is None else accumulate.add_(result)
     return flat
+
+
+def test_the_flat_mask_is_a_function_of_seed_and_index():
+    """Eight elements per Philox draw, 16 bits each: the kept share is 1 - p (p rounded to 2⁻¹⁶), kept values
+    carry the matching scale, the same seed draws the same mask whatever the tensor's shape, another seed
+    another one, and the accumulate mode adds exactly the dropped-out values."""
+    p, seed = 0.1, 77
+    threshold, scale = lora_kernels.threshold_and_scale(p)
+    assert threshold == 6554 and abs(scale - 65536 / (65536 - 6554)) < 1e-12
+    flat = mask_of((1 << 16,), p, seed)
+    kept = flat != 0
+    assert abs(float(kept.float().mean()) - 0.9) < 0.01
+    assert torch.allclose(flat[kept], torch.tensor(scale, device=device()))
+    assert torch.equal(mask_of((256, 256), p, seed).reshape(-1), flat)          # the index decides, not the shape
+    assert not torch.equal(mask_of((1 << 16,), p, seed + 1), flat)
+    # the lanes of one group are not copies of each other (each has its own 16 bits)
+    lanes = kept.reshape(-1, 8).float()
+    assert 0.8 < float(lanes[:, 0].mean()) < 1.0 and not torch.equal(lanes[:, 0], lanes[:, 1])
+    rows = torch.randn(1000, 24, device=device())          # 24 000 elements: not a multiple of the block
+    acc = torch.randn(1000, 24, device=device())
+    expected = acc + rows * mask_of(rows.shape, p, seed)
+    assert torch.allclose(lora_kernels.dropout(rows, p, seed, accumulate=acc), expected)

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 def main() -> int:
     import torch
 
-    from tools.finetune import fused_lora
+    from tools.finetune import fused_lora, lora_kernels
 
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
@@ -26,49 +26,48 @@ def main() -> int:
     drawn = fused_lora._dropped(ones, p, seed)
     kept = drawn != 0
     checks = {
-        "kernel": "triton" if cuda and fused_lora._triton_kernel() else "pytorch",
+        "kernel": "triton" if cuda and lora_kernels.kernels() else "pytorch",
         "kept share (expect 0.900)": round(float(kept.float().mean()), 4),
         "kept values = 1/(1-p)": bool(torch.allclose(drawn[kept].float(), torch.tensor(1 / (1 - p), device=device),
                                                      rtol=1e-2)),
+        "lanes of a Philox draw differ": not torch.equal(kept.reshape(-1, 8)[:, 0], kept.reshape(-1, 8)[:, 1]),
         "same seed, same mask": bool(torch.equal(drawn, fused_lora._dropped(ones, p, seed))),
         "other seed, other mask": not torch.equal(drawn, fused_lora._dropped(ones, p, seed + 1)),
     }
     torch.manual_seed(0)
     base = torch.nn.Linear(1024, 768, bias=True, device=device, dtype=dtype).requires_grad_(False)
-    a = (torch.randn(16, 1024, device=device) / 32).requires_grad_(True)
-    b = (torch.randn(768, 16, device=device) / 4).requires_grad_(True)
-    x = torch.randn(2, 2048, 1024, device=device, dtype=dtype, requires_grad=True)
-    seeds = []
-    original = fused_lora._dropped
-
-    def recording(rows, p_, seed_, accumulate=None):
-        seeds.append(seed_)
-        return original(rows, p_, seed_, accumulate)
-
-    fused_lora._dropped = recording
-    try:
-        fn = fused_lora._make_function()
-        out = fn.apply(x, a, b, base, 2.0, p, dtype)
-        upstream = torch.randn_like(out)
-        (out.float() * upstream.float()).sum().backward()
-    finally:
-        fused_lora._dropped = original
-    checks["one seed for forward and backward"] = len(set(seeds)) == 1 and len(seeds) == 3
-    mask = (original(torch.ones(4096, 1024, device=device, dtype=dtype), p, seeds[0]) != 0).reshape(x.shape)
-    rx, ra, rb = (t.detach().clone().requires_grad_(True) for t in (x, a, b))
-    dropped = rx.float() * mask / (1 - p)
-    reference = base(rx).float() + 2.0 * (dropped @ ra.t()) @ rb.t()
-    (reference * upstream.float()).sum().backward()
+    a0 = torch.randn(16, 1024, device=device) / 32
+    b0 = torch.randn(768, 16, device=device) / 4
+    x0 = torch.randn(2, 2048, 1024, device=device, dtype=dtype)
+    upstream = torch.randn(2, 2048, 768, device=device, dtype=dtype)
+    tol = 2e-2 if cuda else 1e-5
 
     def rel(u, v) -> float:
         u, v = u.detach().float(), v.detach().float()
         return float((u - v).norm() / v.norm())
 
-    tol = 2e-2 if cuda else 1e-5
-    for name, got, want in (("output", out, reference), ("input grad", x.grad, rx.grad), ("A grad", a.grad, ra.grad),
-                            ("B grad", b.grad, rb.grad)):
-        checks[f"{name} vs autograd with the mask (rel err)"] = f"{rel(got, want):.2e} " + \
-            ("ok" if rel(got, want) < tol else "WRONG")
+    # the layer both ways: the thin-matmul kernels (the default on a GPU) and the flat kernel with matmuls
+    for kernels in (True, False):
+        label = "kernels" if kernels else "flat"
+        x, a, b = (t.clone().requires_grad_(True) for t in (x0, a0, b0))
+        rng = torch.get_rng_state()
+        seed = int(torch.randint(0, 2**31 - 1, (), device="cpu"))      # the seed the layer will draw
+        torch.set_rng_state(rng)
+        out = fused_lora._make_function().apply(x, a, b, base, 2.0, p, dtype, False, kernels)
+        (out.float() * upstream.float()).sum().backward()
+        # the Triton mask wherever the layer ran Triton (also under Triton's interpreter on CPU)
+        triton = cuda or (kernels and lora_kernels.usable(x0.reshape(-1, 1024), 16))
+        ones = torch.ones(4096, 1024, device=device, dtype=dtype)
+        mask = (lora_kernels.dropout(ones, p, seed) if triton else fused_lora._dropped(ones, p, seed)) != 0
+        rx, ra, rb = (t.detach().clone().requires_grad_(True) for t in (x0, a0, b0))
+        scale = lora_kernels.threshold_and_scale(p)[1] if triton else 1 / (1 - p)
+        dropped = rx.float() * mask.reshape(x.shape) * scale
+        reference = base(rx).float() + 2.0 * (dropped @ ra.t()) @ rb.t()
+        (reference * upstream.float()).sum().backward()
+        for name, got, want in (("output", out, reference), ("input grad", x.grad, rx.grad),
+                                ("A grad", a.grad, ra.grad), ("B grad", b.grad, rb.grad)):
+            checks[f"{label}: {name} vs autograd, same mask"] = f"{rel(got, want):.2e} " + \
+                ("ok" if rel(got, want) < tol else "WRONG")
     for key, value in checks.items():
         print(f"{key:<45} {value}")
     failed = [k for k, v in checks.items() if v is False or (isinstance(v, str) and v.endswith("WRONG"))]

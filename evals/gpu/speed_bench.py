@@ -21,7 +21,8 @@ bitsandbytes as a user's model would). The training step is the same in every va
     fast        liger + fused LoRA (our default path on a GPU); fast_ckpt2/4, fast_fp8, fast_fp8_ckpt2/4,
                 fast_packed, fused_fp8: the same with partial checkpointing / FP8 / packing; fast_keep: the
                 dropped-out inputs kept for the backward instead of drawn again (memory for a kernel pass);
-                fast_kernels: the dropout applied inside the thin matmuls (tools/finetune/lora_kernels.py)
+                fast_flat: the fused layer without its thin-matmul dropout kernels (one flat dropout kernel
+                with PyTorch matmuls around it; tools/finetune/lora_kernels.py)
     packed      (with --lengths real) the same rows packed padding-free instead of padded batches
 
 ``--lengths real`` trains rows of chain-of-thought-like lengths (log-normal, median 700 tokens, cut to --seq)
@@ -74,8 +75,8 @@ VARIANTS = {
     "fast_fp8_ckpt2": {"liger": True, "fused_lora": True, "fp8": True, "gc": True, "every": 2},
     "fast_fp8_ckpt4": {"liger": True, "fused_lora": True, "fp8": True, "gc": True, "every": 4},
     "fast_packed": {"liger": True, "fused_lora": True, "packed": True},
-    "fast_keep": {"liger": True, "fused_lora": True, "keep_dropped": True},
-    "fast_kernels": {"liger": True, "fused_lora": True, "kernels": True},
+    "fast_keep": {"liger": True, "fused_lora": True, "keep_dropped": True, "kernels": False},
+    "fast_flat": {"liger": True, "fused_lora": True, "kernels": False},
     "fused_fp8": {"fused_lora": True, "fp8": True},
     "liger_packed": {"liger": True, "packed": True},
     "unsloth": {"unsloth": True},                 # unsloth's FastLanguageModel (when installed; needs a GPU)
@@ -126,7 +127,7 @@ def apply_variant(model, options: dict, speed, *, cuda: bool, offload: bool):
         from tools.finetune import fused_lora
 
         if len(fused_lora.enable(model, keep_dropped=bool(options.get("keep_dropped")),
-                                 kernels=bool(options.get("kernels")))):
+                                 kernels=bool(options.get("kernels", True)))):
             speed.applied.append("fused_lora")
         else:
             speed.skipped["fused_lora"] = "no LoRA layer it can take"

@@ -17,13 +17,16 @@ accumulation either way), three matmuls forward and five backward, and no copies
 It keeps for the backward only its input (a view, shared by every layer that reads the same tensor) and ``h``
 (r values per token) — instead of peft's fp32 copies of the input and of its dropped-out version; with dropout
 the mask is drawn again in the backward from a seed (the global generator's next number, so a checkpointed
-forward draws the same one) rather than kept, on a GPU by one Triton kernel that draws and applies it (and, in
-the backward, adds the result to the input gradient) in a single pass. The adapter parameters stay fp32 (the
-optimizer's master weights); their gradients come back in fp32, rounded through the training dtype like every
-other gradient of a bf16 model. Numerically the base path is the same matmul; ``evals/gpu/grad_check.py``
-compares the adapter gradients against fp32 (H200, 0.5B shape: 1.06× plain bf16's error). Optional, for the
-benchmark: ``keep_dropped`` (keep the dropped-out input instead of redrawing it) and ``kernels`` (the mask applied
-inside the thin matmuls, :mod:`tools.finetune.lora_kernels`).
+forward draws the same one) rather than kept. On a GPU the mask is applied inside the thin matmuls by the Triton
+kernels of :mod:`tools.finetune.lora_kernels` (``h = xd · Aᵀ``, A's gradient and the masked share of the input
+gradient each read the full-width tensor once; they read A in fp32 and take ``s`` as a factor, so the adapter
+costs no cast or scale launches either — at the 0.5B shape the step is bound by the host's launch rate as much
+as by the GPU). Elsewhere, or with ``kernels=False``, one flat dropout kernel with PyTorch matmuls around it
+(CPU: PyTorch's own generator). The adapter parameters stay fp32 (the optimizer's master weights); their
+gradients come back in the training dtype or fp32 and autograd casts them to fp32. Numerically the base path is
+the same matmul; ``evals/gpu/grad_check.py`` compares the adapter gradients against fp32 (H200, 0.5B shape:
+1.06× plain bf16's error). For the benchmark only: ``keep_dropped`` (flat path: keep the dropped-out input
+instead of redrawing it).
 
 Where the base layer runs FP8 (``tools/finetune/fp8.py``), its forward and input gradient go through the FP8
 matmuls. Layers this cannot take (DoRA, several active adapters, LoRA bias, quantised or trainable base
@@ -50,54 +53,13 @@ def _dropout_mask(rows, p: float, seed: int):
     return torch.empty_like(rows, dtype=torch.bool).bernoulli_(1.0 - p, generator=generator)
 
 
-_TRITON_BLOCK = 2048
-_triton_dropout = None       # the compiled kernel; False where Triton is not available
-
-
-def _make_triton_dropout():
-    """One Triton kernel for ``[acc +] x · keep / (1 - p)`` with ``keep = rand(seed, index) ≥ p``: the mask is
-    a function of (seed, element index), so it is never stored and the backward draws the very same one."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit(do_not_specialize=["seed"])     # one compiled kernel for every seed
-    def dropout_kernel(x_ptr, acc_ptr, out_ptr, n, p, scale, seed, ACCUMULATE: tl.constexpr,
-                       BLOCK: tl.constexpr):
-        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        inside = offsets < n
-        x = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-        y = tl.where(tl.rand(seed, offsets) >= p, x * scale, 0.0)
-        if ACCUMULATE:
-            y += tl.load(acc_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-        tl.store(out_ptr + offsets, y.to(out_ptr.dtype.element_ty), mask=inside)
-
-    return dropout_kernel
-
-
-def _triton_kernel():
-    global _triton_dropout
-    if _triton_dropout is None:
-        try:
-            _triton_dropout = _make_triton_dropout()
-        except Exception:  # noqa: BLE001 - no Triton (CPU builds): the PyTorch path below does the same
-            _triton_dropout = False
-    return _triton_dropout
-
-
 def _dropped(rows, p: float, seed: int | None, accumulate=None):
     """``rows`` with LoRA dropout ``p`` applied by the mask of ``seed`` (``rows`` itself when ``seed`` is None);
     with ``accumulate``, that tensor plus the result, written into it."""
     if seed is None:
         return rows if accumulate is None else accumulate.add_(rows)
-    fits = rows.numel() < 2**31 and (accumulate is None or accumulate.is_contiguous())
-    kernel = _triton_kernel() if rows.is_cuda and fits else False
-    if kernel:
-        rows = rows.contiguous()
-        out = accumulate if accumulate is not None else rows.new_empty(rows.shape)
-        grid = ((rows.numel() + _TRITON_BLOCK - 1) // _TRITON_BLOCK,)
-        kernel[grid](rows, out, out, rows.numel(), p, 1.0 / (1.0 - p), seed, ACCUMULATE=accumulate is not None,
-                     BLOCK=_TRITON_BLOCK)
-        return out
+    if rows.is_cuda and lora_kernels.dropout_usable(rows, accumulate):
+        return lora_kernels.dropout(rows, p, seed, accumulate)      # one Triton kernel, one pass
     result = rows * _dropout_mask(rows, p, seed) * (1.0 / (1.0 - p))
     return result if accumulate is None else accumulate.add_(result)
 
@@ -134,54 +96,60 @@ def _make_function():
                     kernels: bool = False):
             rows = x.reshape(-1, x.shape[-1])
             rows = rows if rows.dtype == dtype else rows.to(dtype)
-            a, b = lora_a.to(dtype), (lora_b * scaling).to(dtype)
             # the seed comes from the global generator, so a recomputed forward (checkpointing) draws it again
             seed = int(torch.randint(0, 2**31 - 1, (), device="cpu")) if p > 0 else None
-            # with dropout, optionally the Triton kernels that apply the mask inside the thin matmuls
-            ctx.kernels = kernels and seed is not None and lora_kernels.usable(rows, a.shape[0])
+            # with dropout on a GPU, the Triton kernels that apply the mask inside the thin matmuls: they read A
+            # in fp32 and take the scaling as a factor, so the adapter costs no cast or scale launches
+            ctx.kernels = kernels and seed is not None and lora_kernels.usable(rows, lora_a.shape[0])
+            dropped = None
             if ctx.kernels:
                 rows = rows.contiguous()
-                dropped, h = None, lora_kernels.thin_forward(rows, a, p, seed)
+                a, b = lora_a, lora_b.to(dtype)                 # b unscaled: s is applied by alpha / factor
+                h = lora_kernels.thin_forward(rows, a, p, seed)
             else:
+                a, b = lora_a.to(dtype), (lora_b * scaling).to(dtype)
                 dropped = _dropped(rows, p, seed)
                 h = dropped @ a.t()
             out = _base_matmul(base, rows)
-            out.addmm_(h, b.t())
+            out.addmm_(h, b.t(), alpha=scaling if ctx.kernels else 1)
             bias = base._parameters.get("bias")
             if bias is not None:
                 out += bias if bias.dtype == dtype else bias.to(dtype)
             ctx.base, ctx.scaling, ctx.p, ctx.seed, ctx.shape = base, scaling, p, seed, x.shape
-            ctx.dtypes = (x.dtype, lora_a.dtype, lora_b.dtype)
+            ctx.x_dtype = x.dtype
             # A's gradient needs the dropped-out input: drawn again (no memory), or kept (one kernel pass fewer)
-            ctx.kept = keep_dropped and seed is not None and not ctx.kernels
+            ctx.kept = keep_dropped and dropped is not None and seed is not None
             ctx.save_for_backward(dropped if ctx.kept else rows, h, a, b)
             return out.reshape(*x.shape[:-1], out.shape[-1])
 
         @staticmethod
         def backward(ctx, grad):
-            saved, h, a, b = ctx.saved_tensors                  # saved: the input rows, or the dropped-out ones
-            x_dtype, a_dtype, b_dtype = ctx.dtypes
+            # saved: the input rows, or the dropped-out ones; a, b: the adapter as the forward used it
+            saved, h, a, b = ctx.saved_tensors
             g = grad.reshape(-1, grad.shape[-1])
             g = g if g.dtype == saved.dtype else g.to(saved.dtype)
-            gh = g @ b                                           # (M, r): the gradient reaching h
-            grad_a = None
-            if ctx.needs_input_grad[1] and ctx.kernels:
-                grad_a = lora_kernels.thin_grad_a(saved, gh, ctx.p, ctx.seed).to(a_dtype)
+            s, kernels = ctx.scaling, ctx.kernels
+            gh = g @ b                                  # (M, r): the gradient reaching h (÷ s on the kernel path)
+            grad_a = grad_b = dx = None
+            # the adapter gradients go back in the training dtype or fp32; autograd casts them to the parameters'
+            if ctx.needs_input_grad[1] and kernels:
+                grad_a = lora_kernels.thin_grad_a(saved, gh, ctx.p, ctx.seed, factor=s)
             elif ctx.needs_input_grad[1]:
-                dropped = saved if ctx.kept else _dropped(saved, ctx.p, ctx.seed)
-                grad_a = (gh.t() @ dropped).to(a_dtype)
-            grad_b = (g.t() @ h).mul_(ctx.scaling).to(b_dtype) if ctx.needs_input_grad[2] else None
-            dx = None
+                grad_a = gh.t() @ (saved if ctx.kept else _dropped(saved, ctx.p, ctx.seed))
+            if ctx.needs_input_grad[2]:
+                grad_b = torch.addmm(h.new_empty((1, 1)), g.t(), h, beta=0, alpha=s)
             if ctx.needs_input_grad[0]:
                 dx = _base_input_grad(ctx.base, g)
-                if ctx.seed is None:
+                if kernels and dx.is_contiguous():
+                    dx = lora_kernels.masked_accumulate(dx, gh, a, ctx.p, ctx.seed, factor=s)
+                elif kernels:
+                    dx = _dropped((gh @ a.to(gh.dtype)).mul_(s), ctx.p, ctx.seed, accumulate=dx)
+                elif ctx.seed is None:
                     dx.addmm_(gh, a)
-                elif ctx.kernels and dx.is_contiguous():
-                    dx = lora_kernels.masked_accumulate(dx, gh, a, ctx.p, ctx.seed)
                 else:
                     dx = _dropped(gh @ a, ctx.p, ctx.seed, accumulate=dx)
                 dx = dx.reshape(ctx.shape)
-                dx = dx if dx.dtype == x_dtype else dx.to(x_dtype)
+                dx = dx if dx.dtype == ctx.x_dtype else dx.to(ctx.x_dtype)
             return dx, grad_a, grad_b, None, None, None, None, None, None
 
     return LoRALinear
@@ -239,13 +207,14 @@ class FusedLoRA:
         return len(self.layers)
 
 
-def enable(model, *, keep_dropped: bool = False, kernels: bool = False) -> FusedLoRA:
+def enable(model, *, keep_dropped: bool = False, kernels: bool = True) -> FusedLoRA:
     """Route every LoRA linear layer that :class:`LoRALinear` can take through it; :func:`restore` undoes it.
-    ``keep_dropped``: with LoRA dropout, keep each layer's dropped-out input for the backward (memory: 2 B per
-    input feature and token) instead of drawing it again (one dropout-kernel pass per layer and step) — measured
-    by ``speed_bench.py`` variant ``fast_keep``, not used by the trainer. ``kernels``: with LoRA dropout, the
-    Triton kernels of :mod:`tools.finetune.lora_kernels` (mask applied inside the thin matmuls; bench variant
-    ``fast_kernels``, not used by the trainer until measured)."""
+    ``kernels`` (default): with LoRA dropout on a GPU, the Triton kernels of :mod:`tools.finetune.lora_kernels`
+    (the mask applied inside the thin matmuls; fewer launches and passes — bench variant ``fast`` vs
+    ``fast_flat``); off, or where they cannot run, one flat dropout kernel with PyTorch matmuls around it.
+    ``keep_dropped`` (flat path only): keep each layer's dropped-out input for the backward (memory: 2 B per
+    input feature and token) instead of drawing it again — bench variant ``fast_keep``, not used by the
+    trainer."""
     from peft.tuners.lora import LoraLayer
 
     state = FusedLoRA()
