@@ -27,9 +27,10 @@ def test_vram_estimates_are_within_15_percent_of_the_measured_peaks(config, meth
 
 
 @pytest.mark.parametrize(("config", "batch", "every", "measured_gb"), [
-    (QWEN_7B, 4, 1, 49.40),    # speed bench, Liger + fused LoRA, dropout 0.05 (evals/gpu/README.md)
-    (QWEN_7B, 4, 4, 41.32),    # the same with every 4th layer checkpointed
-    (QWEN_05B, 8, 1, 16.32),
+    (QWEN_7B, 4, 1, 49.09),    # speed bench, Liger + fused LoRA, dropout 0.05 (evals/gpu/README.md)
+    (QWEN_7B, 4, 4, 41.02),    # the same with every 4th layer checkpointed
+    (QWEN_05B, 8, 1, 16.17),
+    (QWEN_05B, 4, 1, 8.86),    # through the worker (worker_check.py), batch 4
 ])
 def test_fused_lora_vram_estimates_are_within_15_percent(config, batch, every, measured_gb):
     params = count_params(config, "lora", 16, None)
@@ -49,12 +50,18 @@ def test_the_preflight_assumes_the_speedups_exactly_where_the_worker_uses_them()
 
     big = report(QWEN_7B, H200)
     assert big["vram"]["liger"] and big["vram"]["fused_lora"] and "fused LoRA" in big["time"]["basis"]
-    measured_7b = 14_572            # speed bench, 7B LoRA, Liger + fused LoRA, 4 × 2048
+    measured_7b = 16_557            # speed bench, 7B LoRA, Liger + fused LoRA, 4 × 2048 (GPU-bound)
     assert abs(big["time"]["tokens_per_s"] - measured_7b) / measured_7b <= 0.15
+    assert "host" not in big["time"]["basis"]
+    # at the 0.5B shape the step waits on the host's kernel launches, so the estimate follows the batch size
     small = report(QWEN_05B, H200, batch_size=8)
     assert small["vram"]["liger"] and small["vram"]["fused_lora"]     # with the fused layer Liger pays at 0.5B
-    measured_05b = 94_938           # the same at the 0.5B shape, 8 × 2048
+    assert "capped by the host" in small["time"]["basis"]
+    measured_05b = 82_047           # the same at the 0.5B shape, 8 × 2048
     assert abs(small["time"]["tokens_per_s"] - measured_05b) / measured_05b <= 0.15
+    worker_05b = 37_388             # through the worker (worker_check.py), 4 × 2048, 40 steps
+    at_4 = report(QWEN_05B, H200)["time"]["tokens_per_s"]
+    assert abs(at_4 - worker_05b) / worker_05b <= 0.15 and at_4 < small["time"]["tokens_per_s"] * 0.6
     qlora = report(QWEN_7B, H200, method="qlora")
     assert qlora["vram"]["liger"] and not qlora["vram"]["fused_lora"]
     assert qlora["time"]["tokens_per_s"] == pytest.approx(9_900 * 1.16 * 0.9, rel=0.02)    # Liger alone

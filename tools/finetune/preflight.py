@@ -51,8 +51,10 @@ between them (P^-0.606), as 1/P above 7.6B (compute-bound), capped at 250k token
 0.76 at 0.5B, 1.09 at 7B —, full 0.7); × 0.71 with gradient checkpointing on every layer (7.0k / 9.9k measured; 1
 / (1 + 0.41 × c / L) with c of L layers checkpointed: 7 of 28 layers measured 0.90 of the unchecked speed,
 formula 0.91); × the fused LoRA layer's speed-up with Liger, measured against the plain baseline in the same run
-(1.95× at the 0.5B shape, 1.55× at 7B; interpolated in log P between them, held outside), else × 1.16 with Liger
-alone.
+(1.95× at the 0.5B shape, 1.77× at 7B; interpolated in log P between them, held outside), else × 1.16 with Liger
+alone. On a GPU a step also cannot beat the host that launches its kernels: tokens/s is capped at the step's
+tokens over L × (3.75 ms + 0.65 ms per adapted linear layer) — what bounds small models (0.5B, 4 × 2048: 199 ms
+of host time against ~80 ms of GPU work), never the 7B shape (256 ms against ~500 ms).
 """
 
 from __future__ import annotations
@@ -74,7 +76,11 @@ K_ACT_BF16, K_ACT_CHECKPOINTED, K_LOGITS, K_LOGITS_CHECKPOINTED = 64, 4, 1, 10
 K_ACT_LIGER = 51          # Liger's fused RMSNorm / SwiGLU / RoPE keep fewer intermediates
 K_LORA_DROPOUT = 12       # LoRA dropout > 0 keeps each adapted layer's dropped-out input for the backward
 K_ACT_FUSED = 42          # fused LoRA layer (+ Liger): no fp32 activation copies, dropout mask redrawn
-FUSED_SPEED = ((0.494e9, 1.95), (7.62e9, 1.55))   # (P, × plain baseline) measured with Liger, dropout 0.05
+FUSED_SPEED = ((0.494e9, 1.95), (7.62e9, 1.77))   # (P, × plain baseline) measured with Liger, dropout 0.05
+# Host (Python + kernel launch) time per training step, per decoder layer and per adapted linear layer in it,
+# on the H200 machine's CPU (evals/gpu/host_overhead.py: ~0.65 ms per adapted layer's forward + backward; the
+# rest fitted to the 0.5B runs, whose steps wait on the host): a step is never faster than this.
+HOST_S_LAYER, HOST_S_ADAPTER = 3.75e-3, 0.65e-3
 LIGER_SPEED = 1.16        # measured through the worker, 7B LoRA (12.7k vs 11.0k tokens/s) and QLoRA (1.17)
 OVERHEAD_GIB = 2.0
 NF4_BYTES = 0.5 + 0.127 / 8
@@ -319,6 +325,17 @@ def fused_speed(total_params: int) -> float:
     return f0 + (f1 - f0) * x
 
 
+def host_bound_tokens_per_second(layers: int, params: dict, method: str, step_tokens: int,
+                                 gpu: dict | None) -> float:
+    """The most tokens/s the host can launch on a GPU: ``step_tokens`` per step over the step's host time
+    (``HOST_S_LAYER`` per decoder layer and ``HOST_S_ADAPTER`` per adapted linear layer in it); no cap without
+    a GPU (the CPU's own arithmetic is the bound there)."""
+    if gpu is None or gpu_kind(gpu)[0] == "CPU":
+        return math.inf
+    adapters = 0 if method == "full" else len(params.get("target_modules") or ())
+    return step_tokens / (max(layers, 1) * (HOST_S_LAYER + adapters * HOST_S_ADAPTER))
+
+
 def parallel_speedup(gpus: int) -> float:
     """Throughput of ``gpus`` data-parallel GPUs relative to one (DP_EFFICIENCY per added GPU's share)."""
     return 1.0 if gpus <= 1 else gpus * DP_EFFICIENCY
@@ -442,7 +459,10 @@ def _model_checks(result: dict, spec, config: dict, gpu: dict | None, lengths: d
     tps = tokens_per_second(params["total"], spec.method, gpu,
                             checkpointing=vram["checkpointed_layers"] / vram["layers"])
     speedup = fused_speed(params["total"]) if fused else LIGER_SPEED if liger else 1.0
-    tps *= parallel_speedup(schedule["gpus"]) * speedup
+    tps *= speedup
+    host_tps = host_bound_tokens_per_second(vram["layers"], params, spec.method, spec.batch_size * seq, gpu)
+    host_bound = host_tps < tps
+    tps = min(tps, host_tps) * parallel_speedup(schedule["gpus"])
     kind, known = gpu_kind(gpu)
     seconds = schedule["processed_tokens"] / tps
     result.update(params={k: params[k] for k in ("total", "trainable", "linear", "target_modules")} |
@@ -455,6 +475,8 @@ def _model_checks(result: dict, spec, config: dict, gpu: dict | None, lengths: d
                                  + ("" if known else " (unknown GPU, assumed A100-class)")
                                  + (f", × {speedup:.2f} with the fused LoRA layer and Liger kernels" if fused
                                     else ", × 1.16 with Liger kernels" if liger else "")
+                                 + (f"; capped by the host's kernel launches ({host_tps:,.0f} tokens/s at "
+                                    f"batch {spec.batch_size})" if host_bound else "")
                                  + (f", × {parallel_speedup(schedule['gpus']):.2f} on {schedule['gpus']} GPUs"
                                     if schedule["gpus"] > 1 else "")
                                  + (f"; {schedule['padding_fraction']:.0%} of the processed tokens are padding"
