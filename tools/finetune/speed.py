@@ -13,8 +13,9 @@ Switches (``spec.json`` → ``"speed": {...}``, or :func:`speedups` defaults):
 - ``fused_lora``: each LoRA layer as one autograd function in the training dtype (``tools/finetune/fused_lora.py``:
   no fp32 copies of the activations, dropout drawn twice from a seed instead of stored; LoRA only, on a GPU by
   default). Measured on the H200 with Liger, dropout 0.05, against plain transformers + peft in the same run:
-  7B shape 1.55× the tokens/s at 0.47× the memory, 0.5B shape 1.95× at 0.26×; adapter gradients within bf16
-  tolerance of fp32 (1.04× plain bf16's error).
+  7B shape 1.77× the tokens/s at 0.46× the memory (GPU-bound), 0.5B shape 1.68–1.98× at 0.26× (bound by the
+  host's kernel launches, so by the machine's CPU); adapter gradients within bf16 tolerance of fp32 (1.03× plain
+  bf16's error).
 
 Each is on by default only where it was measured faster with the same loss (``evals/gpu/speed_bench.py``);
 a switch that cannot apply (no GPU, package missing, unknown model type) is reported and skipped, never fatal.
