@@ -19,13 +19,14 @@ It keeps for the backward only its input (a view, shared by every layer that rea
 the mask is drawn again in the backward from a seed (the global generator's next number, so a checkpointed
 forward draws the same one) rather than kept. On a GPU the mask is applied inside the thin matmuls by the Triton
 kernels of :mod:`tools.finetune.lora_kernels` (``h = xd · Aᵀ``, A's gradient and the masked share of the input
-gradient each read the full-width tensor once; they read A in fp32 and take ``s`` as a factor, so the adapter
-costs no cast or scale launches either — at the 0.5B shape the step is bound by the host's launch rate as much
-as by the GPU). Elsewhere, or with ``kernels=False``, one flat dropout kernel with PyTorch matmuls around it
+gradient each read the full-width tensor once; they read A in fp32 and take ``s`` as a factor, so only B is
+cast and nothing is scaled by a launch of its own — at the 0.5B shape the step is bound by the host's launch
+rate, ~25–30 µs a launch on the H200 machine's CPU; ``evals/gpu/host_overhead.py``). Elsewhere, or with
+``kernels=False``, one flat dropout kernel with PyTorch matmuls around it
 (CPU: PyTorch's own generator). The adapter parameters stay fp32 (the optimizer's master weights); their
 gradients come back in the training dtype or fp32 and autograd casts them to fp32. Numerically the base path is
-the same matmul; ``evals/gpu/grad_check.py`` compares the adapter gradients against fp32 (H200, 0.5B shape:
-1.06× plain bf16's error). For the benchmark only: ``keep_dropped`` (flat path: keep the dropped-out input
+the same matmul; ``evals/gpu/grad_check.py`` compares the adapter gradients against fp32 (H200, 0.5B shape,
+with Liger: 1.03× plain bf16's error). For the benchmark only: ``keep_dropped`` (flat path: keep the dropped-out input
 instead of redrawing it).
 
 Where the base layer runs FP8 (``tools/finetune/fp8.py``), its forward and input gradient go through the FP8
