@@ -22,7 +22,9 @@ bitsandbytes as a user's model would). The training step is the same in every va
                 fast_packed, fused_fp8: the same with partial checkpointing / FP8 / packing; fast_keep: the
                 dropped-out inputs kept for the backward instead of drawn again (memory for a kernel pass);
                 fast_flat: the fused layer without its thin-matmul dropout kernels (one flat dropout kernel
-                with PyTorch matmuls around it; tools/finetune/lora_kernels.py)
+                with PyTorch matmuls around it; tools/finetune/lora_kernels.py); fast_graphs: fast with each
+                decoder layer replayed as a CUDA graph (tools/finetune/layer_graphs.py: the host's launch cost
+                gone; needs --dropout 0 and full-length rows)
     packed      (with --lengths real) the same rows packed padding-free instead of padded batches
 
 ``--lengths real`` trains rows of chain-of-thought-like lengths (log-normal, median 700 tokens, cut to --seq)
@@ -77,6 +79,7 @@ VARIANTS = {
     "fast_packed": {"liger": True, "fused_lora": True, "packed": True},
     "fast_keep": {"liger": True, "fused_lora": True, "keep_dropped": True, "kernels": False},
     "fast_flat": {"liger": True, "fused_lora": True, "kernels": False},
+    "fast_graphs": {"liger": True, "fused_lora": True, "graphs": True},   # needs --dropout 0 and full lengths
     "fused_fp8": {"fused_lora": True, "fp8": True},
     "liger_packed": {"liger": True, "packed": True},
     "unsloth": {"unsloth": True},                 # unsloth's FastLanguageModel (when installed; needs a GPU)
@@ -276,11 +279,20 @@ def run_one(shape: str, method: str, variant: str, args: argparse.Namespace) -> 
         model = apply_variant(model, options, speed, cuda=cuda, offload=True)
     model.config.use_cache = False
     model.train()
+    batches = make_batches(config["vocab_size"], args, packed=bool(options.get("packed")))
+    if options.get("graphs"):
+        from tools.finetune import layer_graphs
+
+        reason = layer_graphs.why_not(model, lora_dropout=args.dropout)
+        if reason:
+            speed.skipped["graphs"] = reason
+        else:
+            layer_graphs.capture(model, {k: v.cuda() for k, v in batches[0].items() if k != "real_tokens"})
+            speed.applied.append("graphs")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     params = [p for p in model.parameters() if p.requires_grad]
     fused = optimizer_name(speed, cuda=cuda) == "adamw_torch_fused"
     optimizer = torch.optim.AdamW(params, lr=2e-4, fused=fused) if fused else torch.optim.AdamW(params, lr=2e-4)
-    batches = make_batches(config["vocab_size"], args, packed=bool(options.get("packed")))
     torch.manual_seed(0)
     losses, started, real_tokens = [], None, 0
     for step, batch in enumerate(batches):
