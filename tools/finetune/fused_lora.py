@@ -100,7 +100,7 @@ def _make_function():
             # the seed comes from the global generator, so a recomputed forward (checkpointing) draws it again
             seed = int(torch.randint(0, 2**31 - 1, (), device="cpu")) if p > 0 else None
             # with dropout on a GPU, the Triton kernels that apply the mask inside the thin matmuls: they read A
-            # in fp32 and take the scaling as a factor, so the adapter costs no cast or scale launches
+            # in fp32 and take the scaling as a factor, so only B is cast and nothing is scaled on its own
             ctx.kernels = (kernels and seed is not None and lora_a.is_contiguous()
                            and lora_kernels.usable(rows, lora_a.shape[0]))
             dropped = None

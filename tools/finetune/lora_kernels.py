@@ -16,8 +16,9 @@ compute-bound — 76 µs a call on the H200 at the 0.5B shape, three times the m
     thin_grad_a        dA = ghᵀ · (x ⊙ m · scale)             (r × K, fp32; split over M, partial sums added)
     masked_accumulate  dx += (gh · A) ⊙ m · scale             (reads and writes dx once)
 
-The last three (bench variant ``fast_kernels``) apply the mask inside the thin adapter matmuls instead of
-around them; they need K % 8 == 0 (a tile's rows then start on a group boundary). The rank is padded to a
+The last three (the fused layer's default on a GPU; bench variant ``fast``, against ``fast_flat``) apply the
+mask inside the thin adapter matmuls instead of around them; they need K % 8 == 0 (a tile's rows then start
+on a group boundary). The rank is padded to a
 power of two ≥ 16 inside (``tl.dot``). On CPU they all run under Triton's interpreter (``TRITON_INTERPRET=1``),
 which is how the tests check them.
 """
