@@ -35,7 +35,9 @@ Liger 54.6 GiB (formula 56.0, +2.5 %); Liger's speed is × 1.16.
 With the fused LoRA layer (``tools/finetune/fused_lora.py``, on by default for LoRA on a GPU, always with Liger)
 k = 42 B whatever the LoRA dropout (no fp32 copies; the mask is redrawn, not kept): fitted on the H200 speed
 bench (LoRA r16, dropout 0.05, seq 2048), 7B at 4 × 2048 49.4 GiB measured (formula 48.9, −1 %), 0.5B at 8 × 2048
-16.3 GiB (formula 16.8, +3 %), 7B with every 4th layer checkpointed 41.3 GiB (formula 41.7, +1 %).
+16.3 GiB (formula 16.8, +3 %), 7B with every 4th layer checkpointed 41.3 GiB (formula 41.7, +1 %); with the
+thin-matmul dropout kernels (the default since) 49.1, 16.2 and 41.0 GiB, and 8.9 GiB through the worker at 0.5B,
+4 × 2048 (formula 9.9, +12 %).
 It fits when the total is ≤ 95 % of the GPU memory. When only a checkpointed estimate fits, gradient
 checkpointing is turned on for the fewest layers that make it fit (every n-th decoder layer, transformers'
 ``every_n_layers``, n as large as the memory allows): a checkpointed layer keeps k = 4 B per token, the others
