@@ -130,6 +130,38 @@ def test_dropout_mask_is_drawn_again_from_its_seed(tiny):
     assert torch.allclose(fused_lora._dropped(rows, 0.4, 5), rows * mask / 0.6)
 
 
+def test_device_seeds_come_from_one_counter_the_model_call_advances(tiny, monkeypatch):
+    """device_seeds (what CUDA graphs of the layers need): layer i draws its mask from counter + i, forward and
+    backward alike; each call of the model moves the counter past every layer's seed, so the next step draws new
+    masks; the start comes from the global generator (a seeded run repeats); restore removes the hook."""
+    from collections import Counter
+
+    model = tiny_lora_model(tiny)
+    set_dropout(model, 0.3)
+    seen = []
+    original = fused_lora._dropout_mask
+    monkeypatch.setattr(fused_lora, "_dropout_mask", lambda rows, p, seed: seen.append(seed) or original(rows, p, seed))
+    torch.manual_seed(5)
+    state = fused_lora.enable(model, device_seeds=True)
+    n, start = len(state), int(state.seeds.counter)
+    assert n == 14 and state.seeds.counter.dtype == torch.int64
+    first = loss_and_grads(model)
+    step = [start + n + i for i in range(n)]
+    assert seen[:n] == step                                       # the forward, in layer order
+    assert Counter(seen[n:]) == {seed: 2 for seed in step}       # A's gradient and dx redraw each layer's mask
+    assert int(state.seeds.counter) == start + n
+    seen.clear()
+    second = loss_and_grads(model)
+    assert seen[:n] == [seed + n for seed in step] and second[0] != first[0]
+    fused_lora.restore(state)
+    assert state.hook is None and not model._forward_pre_hooks
+    model = set_dropout(tiny_lora_model(tiny), 0.3)
+    torch.manual_seed(5)
+    fused_lora.enable(model, device_seeds=True)
+    again = loss_and_grads(model)
+    assert again[0] == first[0] and all(torch.equal(again[1][k], first[1][k]) for k in first[1])
+
+
 def test_keeping_the_dropped_input_gives_the_same_step(tiny):
     """keep_dropped trades memory for a kernel pass: the same seeds, so the same loss and gradients."""
     results = []

@@ -125,3 +125,24 @@ def test_the_flat_mask_is_a_function_of_seed_and_index():
     acc = torch.randn(1000, 24, device=device())
     expected = acc + rows * mask_of(rows.shape, p, seed)
     assert torch.allclose(lora_kernels.dropout(rows, p, seed, accumulate=acc), expected)
+
+
+def test_a_seed_read_on_the_device_draws_the_mask_of_that_seed():
+    """A ``(counter, offset)`` seed (the fused layer's device seeds, for CUDA graphs) is read as counter + offset
+    when the kernel runs: every kernel gives what the plain seed of that value gives, and moving the counter
+    moves the mask without a new launch argument."""
+    m, k, r, p = 96, 64, 16, 0.2
+    g = torch.Generator().manual_seed(1)
+    rows, a = torch.randn(m, k, generator=g).to(device()), (torch.randn(r, k, generator=g) / 8).to(device())
+    gh, dx = torch.randn(m, r, generator=g).to(device()), torch.randn(m, k, generator=g).to(device())
+    counter = torch.tensor(1000, dtype=torch.int64, device=device())
+    for value in (1007, 1010):
+        seed = (counter, 7)
+        assert torch.equal(lora_kernels.dropout(rows, p, seed), lora_kernels.dropout(rows, p, value))
+        assert torch.equal(lora_kernels.thin_forward(rows, a, p, seed), lora_kernels.thin_forward(rows, a, p, value))
+        assert torch.equal(lora_kernels.thin_grad_a(rows, gh, p, seed, factor=2.0),
+                           lora_kernels.thin_grad_a(rows, gh, p, value, factor=2.0))
+        assert torch.equal(lora_kernels.masked_accumulate(dx.clone(), gh, a, p, seed),
+                           lora_kernels.masked_accumulate(dx.clone(), gh, a, p, value))
+        counter.add_(3)
+    assert not torch.equal(lora_kernels.dropout(rows, p, 1007), lora_kernels.dropout(rows, p, 1010))

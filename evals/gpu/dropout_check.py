@@ -1,7 +1,8 @@
 """Check of the fused LoRA layer's dropout on the GPU (the Triton kernel of ``tools/finetune/fused_lora.py``):
 the mask is kept with probability 1 - p, the same seed draws the same mask, and one layer's output and its
 gradients (input, A, B) equal plain autograd arithmetic with that very mask — i.e. the backward redraws the
-forward's mask. On CPU it checks the PyTorch path the same way (a dry run).
+forward's mask; and a CUDA graph of the kernel with a seed read on the device draws a new mask per replay. On CPU
+it checks the PyTorch path the same way (a dry run).
 
     python3 evals/gpu/dropout_check.py
 """
@@ -68,11 +69,31 @@ def main() -> int:
                                 ("A grad", a.grad, ra.grad), ("B grad", b.grad, rb.grad)):
             checks[f"{label}: {name} vs autograd, same mask"] = f"{rel(got, want):.2e} " + \
                 ("ok" if rel(got, want) < tol else "WRONG")
+    if cuda and lora_kernels.kernels():
+        checks.update(graph_replay_check(torch, lora_kernels, x0.reshape(-1, 1024), a0, p))
     for key, value in checks.items():
         print(f"{key:<45} {value}")
     failed = [k for k, v in checks.items() if v is False or (isinstance(v, str) and v.endswith("WRONG"))]
     print("dropout check:", "FAILED " + ", ".join(failed) if failed else "passed")
     return 1 if failed else 0
+
+
+def graph_replay_check(torch, lora_kernels, rows, a, p: float) -> dict:
+    """A CUDA graph of the thin forward kernel with a device seed (counter, 3): each replay draws the mask of the
+    counter's value at that moment — what the graphed decoder layers rely on for a new mask per step."""
+    counter = torch.tensor(77, dtype=torch.int64, device=rows.device)
+    lora_kernels.thin_forward(rows, a, p, (counter, 3))              # compiled outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        h = lora_kernels.thin_forward(rows, a, p, (counter, 3))
+    graph.replay()
+    first = h.clone()
+    counter.add_(5)
+    graph.replay()
+    return {"graph replay: mask of counter + offset": bool(torch.equal(first, lora_kernels.thin_forward(rows, a, p, 80))
+                                                        and torch.equal(h, lora_kernels.thin_forward(rows, a, p, 85))),
+            "graph replay: new counter, new mask": not torch.equal(first, h)}
 
 
 if __name__ == "__main__":

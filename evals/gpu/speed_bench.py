@@ -24,7 +24,7 @@ bitsandbytes as a user's model would). The training step is the same in every va
                 fast_flat: the fused layer without its thin-matmul dropout kernels (one flat dropout kernel
                 with PyTorch matmuls around it; tools/finetune/lora_kernels.py); fast_graphs: fast with each
                 decoder layer replayed as a CUDA graph (tools/finetune/layer_graphs.py: the host's launch cost
-                gone; needs --dropout 0 and full-length rows)
+                gone; dropout seeds read on the device; full-length rows)
     packed      (with --lengths real) the same rows packed padding-free instead of padded batches
 
 ``--lengths real`` trains rows of chain-of-thought-like lengths (log-normal, median 700 tokens, cut to --seq)
@@ -79,7 +79,7 @@ VARIANTS = {
     "fast_packed": {"liger": True, "fused_lora": True, "packed": True},
     "fast_keep": {"liger": True, "fused_lora": True, "keep_dropped": True, "kernels": False},
     "fast_flat": {"liger": True, "fused_lora": True, "kernels": False},
-    "fast_graphs": {"liger": True, "fused_lora": True, "graphs": True},   # needs --dropout 0 and full lengths
+    "fast_graphs": {"liger": True, "fused_lora": True, "graphs": True},   # full-length rows
     "fused_fp8": {"fused_lora": True, "fp8": True},
     "liger_packed": {"liger": True, "packed": True},
     "unsloth": {"unsloth": True},                 # unsloth's FastLanguageModel (when installed; needs a GPU)
@@ -130,7 +130,8 @@ def apply_variant(model, options: dict, speed, *, cuda: bool, offload: bool):
         from tools.finetune import fused_lora
 
         if len(fused_lora.enable(model, keep_dropped=bool(options.get("keep_dropped")),
-                                 kernels=bool(options.get("kernels", True)))):
+                                 kernels=bool(options.get("kernels", True)),
+                                 device_seeds=bool(options.get("graphs")))):
             speed.applied.append("fused_lora")
         else:
             speed.skipped["fused_lora"] = "no LoRA layer it can take"
@@ -283,7 +284,7 @@ def run_one(shape: str, method: str, variant: str, args: argparse.Namespace) -> 
     if options.get("graphs"):
         from tools.finetune import layer_graphs
 
-        reason = layer_graphs.why_not(model, lora_dropout=args.dropout)
+        reason = layer_graphs.why_not(model, lora_dropout=args.dropout, device_seeds="fused_lora" in speed.applied)
         if reason:
             speed.skipped["graphs"] = reason
         else:

@@ -54,13 +54,16 @@ def _dropout_mask(rows, p: float, seed: int):
     return torch.empty_like(rows, dtype=torch.bool).bernoulli_(1.0 - p, generator=generator)
 
 
-def _dropped(rows, p: float, seed: int | None, accumulate=None):
-    """``rows`` with LoRA dropout ``p`` applied by the mask of ``seed`` (``rows`` itself when ``seed`` is None);
-    with ``accumulate``, that tensor plus the result, written into it."""
+def _dropped(rows, p: float, seed, accumulate=None):
+    """``rows`` with LoRA dropout ``p`` applied by the mask of ``seed`` (``rows`` itself when ``seed`` is None;
+    an int, or a device seed ``(counter, offset)``); with ``accumulate``, that tensor plus the result, written
+    into it."""
     if seed is None:
         return rows if accumulate is None else accumulate.add_(rows)
     if rows.is_cuda and lora_kernels.dropout_usable(rows, accumulate):
         return lora_kernels.dropout(rows, p, seed, accumulate)      # one Triton kernel, one pass
+    if isinstance(seed, tuple):                 # a device seed without the kernels (CPU): read it here
+        seed = int(seed[0]) + seed[1]
     result = rows * _dropout_mask(rows, p, seed) * (1.0 / (1.0 - p))
     return result if accumulate is None else accumulate.add_(result)
 
@@ -94,11 +97,12 @@ def _make_function():
 
         @staticmethod
         def forward(ctx, x, lora_a, lora_b, base, scaling: float, p: float, dtype, keep_dropped: bool = False,
-                    kernels: bool = False):
+                    kernels: bool = False, device_seed: tuple | None = None):
             rows = x.reshape(-1, x.shape[-1])
             rows = rows if rows.dtype == dtype else rows.to(dtype)
-            # the seed comes from the global generator, so a recomputed forward (checkpointing) draws it again
-            seed = int(torch.randint(0, 2**31 - 1, (), device="cpu")) if p > 0 else None
+            # the seed comes from the global generator, so a recomputed forward (checkpointing) draws it again;
+            # or it is read on the device from a counter advanced once per model forward (DeviceSeeds)
+            seed = None if p <= 0 else device_seed or int(torch.randint(0, 2**31 - 1, (), device="cpu"))
             # with dropout on a GPU, the Triton kernels that apply the mask inside the thin matmuls: they read A
             # in fp32 and take the scaling as a factor, so only B is cast and nothing is scaled on its own
             ctx.kernels = (kernels and seed is not None and lora_a.is_contiguous()
@@ -152,7 +156,7 @@ def _make_function():
                     dx = _dropped(gh @ a, ctx.p, ctx.seed, accumulate=dx)
                 dx = dx.reshape(ctx.shape)
                 dx = dx if dx.dtype == ctx.x_dtype else dx.to(ctx.x_dtype)
-            return dx, grad_a, grad_b, None, None, None, None, None, None
+            return dx, grad_a, grad_b, None, None, None, None, None, None, None
 
     return LoRALinear
 
@@ -187,7 +191,7 @@ def _why_not(module) -> str | None:
 
 def _forward(module, x, *args, **kwargs):
     global _FUNCTION
-    active, base, lora_a, lora_b, scaling, p, keep, kernels = module.__dict__["_stackwise_fused"]
+    active, base, lora_a, lora_b, scaling, p, keep, kernels, seed = module.__dict__["_stackwise_fused"]
     # peft's own path for what this does not cover: mixed-adapter batches, merged or disabled adapters, another
     # adapter made active since (the plain attributes behind peft's properties, read directly)
     if args or kwargs or module._disable_adapters or module.merged_adapters or module._active_adapter != active:
@@ -195,7 +199,30 @@ def _forward(module, x, *args, **kwargs):
     if _FUNCTION is None:
         _FUNCTION = _make_function()
     dtype = base.__dict__.get("_stackwise_dtype") or base._parameters["weight"].dtype
-    return _FUNCTION.apply(x, lora_a, lora_b, base, scaling, p if module.training else 0.0, dtype, keep, kernels)
+    return _FUNCTION.apply(x, lora_a, lora_b, base, scaling, p if module.training else 0.0, dtype, keep, kernels,
+                           seed)
+
+
+class DeviceSeeds:
+    """LoRA dropout seeds that live on the GPU: one int64 counter, advanced by the number of layers at every
+    forward of the model (a pre-hook), layer i's seed = counter + i, read by the Triton kernels as they run.
+    A CUDA graph of a layer (:mod:`tools.finetune.layer_graphs`) thus replays a new mask at every step, where a
+    seed drawn on the host would be frozen into the graph. The backward reads the same counter as its forward
+    (and so does a recomputed forward under checkpointing): the counter moves only when the model is called.
+    The start comes from PyTorch's global generator, so a seeded run draws the same masks again."""
+
+    def __init__(self, device, layers: int):
+        import torch
+
+        start = int(torch.randint(0, 2**40, (), device="cpu"))
+        self.counter = torch.tensor(start, dtype=torch.int64, device=device)
+        self.stride = max(1, layers)
+
+    def advance(self, *_args) -> None:
+        self.counter.add_(self.stride)
+
+    def of(self, index: int) -> tuple:
+        return (self.counter, index)
 
 
 @dataclass
@@ -204,19 +231,22 @@ class FusedLoRA:
 
     layers: list = field(default_factory=list)
     skipped: dict = field(default_factory=dict)        # reason → count
+    seeds: DeviceSeeds | None = None                   # with device_seeds: the counter and its model hook
+    hook: object = None
 
     def __len__(self) -> int:
         return len(self.layers)
 
 
-def enable(model, *, keep_dropped: bool = False, kernels: bool = True) -> FusedLoRA:
+def enable(model, *, keep_dropped: bool = False, kernels: bool = True, device_seeds: bool = False) -> FusedLoRA:
     """Route every LoRA linear layer that :class:`LoRALinear` can take through it; :func:`restore` undoes it.
     ``kernels`` (default): with LoRA dropout on a GPU, the Triton kernels of :mod:`tools.finetune.lora_kernels`
     (the mask applied inside the thin matmuls; fewer launches and passes — bench variant ``fast`` vs
     ``fast_flat``); off, or where they cannot run, one flat dropout kernel with PyTorch matmuls around it.
     ``keep_dropped`` (flat path only): keep each layer's dropped-out input for the backward (memory: 2 B per
     input feature and token) instead of drawing it again — bench variant ``fast_keep``, not used by the
-    trainer."""
+    trainer. ``device_seeds``: the dropout seeds read on the device from a counter the model's forward advances
+    (:class:`DeviceSeeds`; what CUDA graphs of the layers need), instead of drawn on the host per call."""
     from peft.tuners.lora import LoraLayer
 
     state = FusedLoRA()
@@ -231,9 +261,14 @@ def enable(model, *, keep_dropped: bool = False, kernels: bool = True) -> FusedL
         dropout = module.lora_dropout[name]
         module._stackwise_fused = (module._active_adapter, module.get_base_layer(), module.lora_A[name].weight,
                                    module.lora_B[name].weight, float(module.scaling[name]),
-                                   float(getattr(dropout, "p", 0.0)), keep_dropped, kernels)
+                                   float(getattr(dropout, "p", 0.0)), keep_dropped, kernels, None)
         module.forward = partial(_forward, module)
         state.layers.append(module)
+    if device_seeds and state.layers:
+        state.seeds = DeviceSeeds(state.layers[0]._stackwise_fused[2].device, len(state.layers))
+        for index, module in enumerate(state.layers):
+            module._stackwise_fused = (*module._stackwise_fused[:-1], state.seeds.of(index))
+        state.hook = model.register_forward_pre_hook(state.seeds.advance)
     log.info("fused LoRA: %d adapted layers in one autograd function each%s", len(state.layers),
              "; peft's forward kept for " + ", ".join(f"{n} ({why})" for why, n in state.skipped.items())
              if state.skipped else "")
@@ -248,6 +283,9 @@ def restore(state: FusedLoRA | None) -> None:
         module.__dict__.pop("forward", None)
         module.__dict__.pop("_stackwise_fused", None)
     state.layers.clear()
+    if state.hook is not None:
+        state.hook.remove()
+        state.hook = state.seeds = None
 
 
 def callback(speed):

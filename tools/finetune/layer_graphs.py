@@ -8,9 +8,11 @@ the embedding, the loss head and the optimizer stay eager.
 
 What a graph needs, and so what :func:`why_not` checks: a GPU; fixed shapes (every batch the shape captured —
 full-length rows, or packing's fixed batch × max_seq_len without per-row attention metadata); no attention mask
-(causal SDPA); no LoRA dropout (the fused layer draws its dropout seed on the host, which a graph would freeze);
+(causal SDPA); LoRA dropout only with seeds read on the device (below);
 no gradient checkpointing; no gradient accumulation (a replay overwrites the static gradient buffers the
-parameters' ``.grad`` may alias). Opt-in, bench variant ``fast_graphs`` (``evals/gpu/speed_bench.py``), not
+parameters' ``.grad`` may alias). LoRA dropout needs the fused layers' device seeds
+(``fused_lora.enable(device_seeds=True)``: a counter on the GPU the kernels read, advanced per model call), so
+each replay draws a new mask. Opt-in, bench variant ``fast_graphs`` (``evals/gpu/speed_bench.py``), not
 used by the trainer until measured.
 """
 
@@ -31,14 +33,16 @@ def decoder_layers(model):
     return None
 
 
-def why_not(model, *, lora_dropout: float) -> str | None:
-    """Why the decoder layers of ``model`` cannot be graphed, or ``None``."""
+def why_not(model, *, lora_dropout: float, device_seeds: bool = False) -> str | None:
+    """Why the decoder layers of ``model`` cannot be graphed, or ``None``; ``device_seeds``: the fused LoRA layers
+    read their dropout seeds on the device (``fused_lora.enable(device_seeds=True)``)."""
     import torch
 
     if not torch.cuda.is_available():
         return "CUDA graphs need a GPU"
-    if lora_dropout > 0:
-        return "LoRA dropout draws its seed on the host (a graph would replay one mask)"
+    if lora_dropout > 0 and not device_seeds:
+        return "LoRA dropout with seeds drawn on the host (a graph would replay one mask): fused layers with " \
+               "device seeds needed"
     if getattr(model, "is_gradient_checkpointing", False):
         return "gradient checkpointing re-runs layers outside the graph"
     if decoder_layers(model) is None:

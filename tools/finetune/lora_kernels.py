@@ -29,6 +29,7 @@ import os
 
 _KERNELS = None
 keep_tile = None        # the shared mask tile, a Triton function made by _build() with the kernels
+seed_value = None       # the seed from an argument or from device memory, likewise
 dropped_tile = None     # the shared masked-input tile loader, likewise
 BLOCK_M, BLOCK_K = 32, 128     # measured best of five tile sizes on the H200 (lora_kernel_bench.py)
 SPLIT_M_ROWS = 1024          # rows of M per program in thin_grad_a (its partial sums are added afterwards)
@@ -45,7 +46,7 @@ def _build():
     import triton
     import triton.language as tl
 
-    global keep_tile, dropped_tile     # a kernel finds the functions it calls among its module's globals
+    global keep_tile, dropped_tile, seed_value     # a kernel finds the functions it calls among its module's globals
 
     @triton.jit
     def keep_tile(seed, groups, threshold, ROWS: tl.constexpr, COLS: tl.constexpr):
@@ -59,6 +60,15 @@ def _build():
         return tl.reshape(bits >= threshold, (ROWS, COLS))
 
     @triton.jit
+    def seed_value(seed_ptr, seed, SEED_PTR: tl.constexpr):
+        """The Philox seed: ``seed`` itself, or with SEED_PTR the counter at ``seed_ptr`` (read on the device, so
+        a CUDA graph replays a new mask each time the counter moves) plus ``seed`` as the layer's offset."""
+        if SEED_PTR:
+            return tl.load(seed_ptr) + seed
+        else:
+            return seed
+
+    @triton.jit
     def dropped_tile(x_ptr, rows, k0, M, K, threshold, scale, seed, BLOCK_M: tl.constexpr,
                      BLOCK_K: tl.constexpr):
         """The (BLOCK_M × BLOCK_K) tile at (rows, k0…) of the (M × K) input with the mask of ``seed`` applied."""
@@ -70,8 +80,9 @@ def _build():
         return tl.where(keep, x * scale, 0.0)
 
     @triton.jit(do_not_specialize=["seed"])     # one compiled kernel for every seed
-    def dropout(x_ptr, acc_ptr, out_ptr, n, threshold, scale, seed, ACCUMULATE: tl.constexpr,
-                GROUPS: tl.constexpr):
+    def dropout(x_ptr, acc_ptr, out_ptr, n, threshold, scale, seed_ptr, seed, ACCUMULATE: tl.constexpr,
+                GROUPS: tl.constexpr, SEED_PTR: tl.constexpr):
+        seed = seed_value(seed_ptr, seed, SEED_PTR)
         groups = tl.program_id(0) * GROUPS + tl.arange(0, GROUPS)
         offsets = groups[:, None] * 8 + tl.arange(0, 8)[None, :]
         inside = offsets < n
@@ -82,8 +93,9 @@ def _build():
         tl.store(out_ptr + offsets, y.to(out_ptr.dtype.element_ty), mask=inside)
 
     @triton.jit(do_not_specialize=["seed"])
-    def thin_forward(x_ptr, a_ptr, h_ptr, M, K, R, threshold, scale, seed,
-                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    def thin_forward(x_ptr, a_ptr, h_ptr, M, K, R, threshold, scale, seed_ptr, seed,
+                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, SEED_PTR: tl.constexpr):
+        seed = seed_value(seed_ptr, seed, SEED_PTR)
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         ranks = tl.arange(0, BLOCK_R)
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -97,8 +109,9 @@ def _build():
                  mask=(rows[:, None] < M) & (ranks[None, :] < R))
 
     @triton.jit(do_not_specialize=["seed"])
-    def thin_grad_a(x_ptr, gh_ptr, out_ptr, M, K, R, threshold, scale, seed, ROWS: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    def thin_grad_a(x_ptr, gh_ptr, out_ptr, M, K, R, threshold, scale, seed_ptr, seed, ROWS: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, SEED_PTR: tl.constexpr):
+        seed = seed_value(seed_ptr, seed, SEED_PTR)
         k0 = tl.program_id(0) * BLOCK_K
         cols = k0 + tl.arange(0, BLOCK_K)
         split = tl.program_id(1)
@@ -114,8 +127,10 @@ def _build():
                  mask=(ranks[:, None] < R) & (cols[None, :] < K))
 
     @triton.jit(do_not_specialize=["seed"])
-    def masked_accumulate(dx_ptr, gh_ptr, a_ptr, M, K, R, threshold, scale, seed,
-                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    def masked_accumulate(dx_ptr, gh_ptr, a_ptr, M, K, R, threshold, scale, seed_ptr, seed,
+                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                          SEED_PTR: tl.constexpr):
+        seed = seed_value(seed_ptr, seed, SEED_PTR)
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         k0 = tl.program_id(1) * BLOCK_K
         cols = k0 + tl.arange(0, BLOCK_K)
@@ -169,30 +184,38 @@ def _block_r(rank: int) -> int:
     return max(16, 1 << (rank - 1).bit_length())
 
 
-def dropout(rows, p: float, seed: int, accumulate=None):
+def _seed_args(seed, like) -> dict:
+    """A kernel's seed arguments: an ``int`` is the seed itself; a ``(counter, offset)`` pair (an int64 tensor
+    on the device and an int) is read by the kernel as ``counter + offset`` when it runs (CUDA graphs)."""
+    if isinstance(seed, tuple):
+        return {"seed_ptr": seed[0], "seed": seed[1], "SEED_PTR": True}
+    return {"seed_ptr": like, "seed": seed, "SEED_PTR": False}
+
+
+def dropout(rows, p: float, seed, accumulate=None):
     """``rows ⊙ mask · scale`` (a new tensor), or with ``accumulate`` that plus it, written into ``accumulate``."""
     kernel = kernels()[0]
     rows = rows.contiguous()
     out = accumulate if accumulate is not None else rows.new_empty(rows.shape)
     threshold, scale = threshold_and_scale(p)
     grid = ((rows.numel() + 8 * FLAT_GROUPS - 1) // (8 * FLAT_GROUPS),)
-    kernel[grid](rows, out, out, rows.numel(), threshold, scale, seed, ACCUMULATE=accumulate is not None,
-                 GROUPS=FLAT_GROUPS)
+    kernel[grid](rows, out, out, rows.numel(), threshold, scale, **_seed_args(seed, rows),
+                 ACCUMULATE=accumulate is not None, GROUPS=FLAT_GROUPS)
     return out
 
 
-def thin_forward(rows, a, p: float, seed: int):
+def thin_forward(rows, a, p: float, seed):
     """``(rows ⊙ mask · scale) @ aᵀ`` — rows (M, K), a (R, K; fp32 or rows' dtype), both contiguous."""
     forward = kernels()[1]
     m, k = rows.shape
     r = a.shape[0]
     h = rows.new_empty((m, r))
-    forward[((m + BLOCK_M - 1) // BLOCK_M,)](rows, a, h, m, k, r, *threshold_and_scale(p), seed,
+    forward[((m + BLOCK_M - 1) // BLOCK_M,)](rows, a, h, m, k, r, *threshold_and_scale(p), **_seed_args(seed, rows),
                                               BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=_block_r(r))
     return h
 
 
-def thin_grad_a(rows, gh, p: float, seed: int, factor: float = 1.0):
+def thin_grad_a(rows, gh, p: float, seed, factor: float = 1.0):
     """``factor · ghᵀ @ (rows ⊙ mask · scale)`` in fp32 — rows (M, K), gh (M, R), both contiguous, same dtype."""
     import torch
 
@@ -202,13 +225,14 @@ def thin_grad_a(rows, gh, p: float, seed: int, factor: float = 1.0):
     splits = (m + SPLIT_M_ROWS - 1) // SPLIT_M_ROWS
     partial = torch.empty((splits, r, k), dtype=torch.float32, device=rows.device)
     threshold, scale = threshold_and_scale(p)
-    grad_a[((k + BLOCK_K - 1) // BLOCK_K, splits)](rows, gh, partial, m, k, r, threshold, scale * factor, seed,
+    grad_a[((k + BLOCK_K - 1) // BLOCK_K, splits)](rows, gh, partial, m, k, r, threshold, scale * factor,
+                                                   **_seed_args(seed, rows),
                                                    ROWS=SPLIT_M_ROWS, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K,
                                                    BLOCK_R=_block_r(r))
     return partial.sum(dim=0)
 
 
-def masked_accumulate(dx, gh, a, p: float, seed: int, factor: float = 1.0):
+def masked_accumulate(dx, gh, a, p: float, seed, factor: float = 1.0):
     """``dx += factor · (gh @ a) ⊙ mask · scale`` in place — dx (M, K), gh (M, R), a (R, K; fp32 or gh's dtype),
     contiguous."""
     accumulate = kernels()[3]
@@ -216,6 +240,6 @@ def masked_accumulate(dx, gh, a, p: float, seed: int, factor: float = 1.0):
     r = gh.shape[1]
     grid = ((m + BLOCK_M - 1) // BLOCK_M, (k + BLOCK_K - 1) // BLOCK_K)
     threshold, scale = threshold_and_scale(p)
-    accumulate[grid](dx, gh, a, m, k, r, threshold, scale * factor, seed, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K,
-                     BLOCK_R=_block_r(r))
+    accumulate[grid](dx, gh, a, m, k, r, threshold, scale * factor, **_seed_args(seed, dx), BLOCK_M=BLOCK_M,
+                     BLOCK_K=BLOCK_K, BLOCK_R=_block_r(r))
     return dx
