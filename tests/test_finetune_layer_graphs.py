@@ -32,41 +32,117 @@ def batch(length: int = 24):
     return {"input_ids": ids, "labels": ids}
 
 
+def packed_batch(length: int = 24):
+    """Two rows, each holding two sequences (position ids restart; no attention mask: the model builds a
+    block-diagonal one), the second row ending in padding (position 0 each, labels -100)."""
+    inputs = batch(length)
+    positions = torch.cat([torch.arange(10), torch.arange(length - 10)]).repeat(2, 1)
+    positions[1, -4:] = 0
+    labels = inputs["labels"].clone()
+    labels[positions == 0] = -100
+    return {"input_ids": inputs["input_ids"], "position_ids": positions, "labels": labels}
+
+
 def loss_and_grads(model, inputs):
     loss = model(**inputs).loss
     loss.backward()
-    grads = {n.replace(".inner", ""): p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad(set_to_none=True)
     return float(loss.detach()), grads
 
 
-def test_the_layers_are_replaced_in_order_with_the_same_step(tiny, monkeypatch):
+@pytest.fixture
+def eager_graphs(monkeypatch):
+    """make_graphed_callables as a CPU can run it: the callables handed back as they are (a GPU would capture)."""
     captured = {}
 
-    def eager(callables, samples, **kwargs):           # a GPU would capture here; the CPU replays eagerly
+    def eager(callables, samples, **kwargs):
         captured["samples"] = samples
         return callables
 
     monkeypatch.setattr(torch.cuda, "make_graphed_callables", eager)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    return captured
+
+
+def same_step(model, inputs, ref):
+    loss, grads = loss_and_grads(model, inputs)
+    assert loss == pytest.approx(ref[0], rel=1e-6) and grads.keys() == ref[1].keys()
+    for name, grad in grads.items():
+        assert torch.allclose(grad, ref[1][name], rtol=1e-5, atol=1e-7), name
+
+
+def test_the_layers_are_graphed_in_order_with_the_same_step(tiny, eager_graphs):
     model = tiny_lora_model(tiny).train()
     model.config.use_cache = False
-    ref_loss, ref_grads = loss_and_grads(model, batch())
+    ref, ref_short = loss_and_grads(model, batch()), loss_and_grads(model, batch(16))
+    keys = list(model.state_dict())
     layers = layer_graphs.decoder_layers(model)
     originals = list(layers)
     assert layer_graphs.capture(model, batch()) == len(originals) > 1
-    assert [layer.inner for layer in layers] == originals                 # replaced in place, in order
-    samples = captured["samples"]
-    assert len(samples) == len(originals)
+    assert list(layers) == originals and all("_stackwise_graph" in layer.__dict__ for layer in layers)
+    assert list(model.state_dict()) == keys                             # what gets saved does not change
+    samples = eager_graphs["samples"]
+    assert len(samples) == len(originals) and all(len(s) == 3 for s in samples)      # no mask: causal SDPA
     assert not samples[0][0].requires_grad and all(s[0].requires_grad for s in samples[1:])  # as in training
     assert tuple(samples[0][0].shape) == (2, 24, model.config.hidden_size)
-    assert layers[0].self_attn is originals[0].self_attn                  # attributes read through
-    loss, grads = loss_and_grads(model, batch())
-    assert loss == pytest.approx(ref_loss, rel=1e-6) and grads.keys() == ref_grads.keys()
-    for name, grad in grads.items():
-        assert torch.allclose(grad, ref_grads[name], rtol=1e-5, atol=1e-7), name
-    with pytest.raises(RuntimeError, match="captured for"):
-        model(**batch(length=16))
+    same_step(model, batch(), ref)
+    assert "_stackwise_eager" not in layers[0].__dict__
+    same_step(model, batch(16), ref_short)                              # another shape: the layers run eagerly
+    assert layers[0]._stackwise_eager == 1
+    model.eval()
+    with torch.no_grad():
+        model(**batch())
+    assert layers[0]._stackwise_eager == 2                              # evaluation too
+    assert layer_graphs.restore(model) == len(originals)
+    assert all("forward" not in layer.__dict__ for layer in layers)
+
+
+def test_packed_rows_are_graphed_with_their_block_diagonal_mask(tiny, eager_graphs):
+    model = tiny_lora_model(tiny).train()
+    model.config.use_cache = False
+    ref, ref_plain = loss_and_grads(model, packed_batch()), loss_and_grads(model, batch())
+    assert ref[0] != pytest.approx(ref_plain[0])                        # the packing changes what is attended
+    layer_graphs.capture(model, packed_batch())
+    mask = eager_graphs["samples"][0][3]
+    assert mask.shape == (2, 1, 24, 24)
+    assert not bool(mask[0, 0, 12, 5]) and bool(mask[0, 0, 12, 11])     # no attention across the packed rows
+    same_step(model, packed_batch(), ref)
+    layer = layer_graphs.decoder_layers(model)[0]
+    same_step(model, batch(), ref_plain)                                # no mask where one was captured: eager
+    assert layer._stackwise_eager == 1
+
+
+def test_capture_on_the_first_training_step_and_a_failed_capture(tiny, eager_graphs, monkeypatch):
+    model = tiny_lora_model(tiny).train()
+    model.config.use_cache = False
+    ref = loss_and_grads(model, batch())
+    layer_graphs.capture_on_first_step(model, accumulating=True)
+    with torch.no_grad():
+        model.eval()(**batch())                                        # evaluation does not capture
+    assert "_stackwise_graph" not in layer_graphs.decoder_layers(model)[0].__dict__
+    same_step(model.train(), batch(), ref)
+    layers = layer_graphs.decoder_layers(model)
+    assert all("_stackwise_graph" in layer.__dict__ for layer in layers) and not model._forward_pre_hooks
+    hooks = layers[0]._stackwise_grad_hooks
+    assert len(hooks) == sum(p.requires_grad for p in layers[0].parameters()) > 0
+    # two backward passes accumulate (each gradient copied out of what would be a graph's static buffer)
+    model(**batch()).loss.backward()
+    model(**batch()).loss.backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(p.grad, 2 * ref[1][name], rtol=1e-5, atol=1e-7), name
+    model.zero_grad(set_to_none=True)
+    layer_graphs.restore(model)
+
+    def broken(*_a, **_k):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", broken)
+    failures = []
+    layer_graphs.capture_on_first_step(model, failed=failures.append)
+    same_step(model, batch(), ref)                                      # the step runs, eagerly
+    assert len(failures) == 1 and not any("_stackwise_graph" in m.__dict__ for m in layer_graphs.decoder_layers(model))
 
 
 def test_it_says_why_it_cannot_graph(tiny):
@@ -75,4 +151,5 @@ def test_it_says_why_it_cannot_graph(tiny):
         assert layer_graphs.why_not(model, lora_dropout=0.0) == "CUDA graphs need a GPU"
     else:
         assert "seed" in layer_graphs.why_not(model, lora_dropout=0.05)
+        assert layer_graphs.why_not(model, lora_dropout=0.05, device_seeds=True) is None
     assert layer_graphs.decoder_layers(torch.nn.Linear(2, 2)) is None

@@ -19,6 +19,7 @@ used by the trainer until measured.
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 log = logging.getLogger("stackwise.train")
 
@@ -50,50 +51,77 @@ def why_not(model, *, lora_dropout: float, device_seeds: bool = False) -> str | 
     return None
 
 
-def _graphable():
+def _layer_call():
     import torch.nn as nn
 
     class LayerCall(nn.Module):
-        """A decoder layer as a function of tensors only (what a graphed callable takes)."""
+        """A decoder layer as a function of tensors only (what a graphed callable takes): its class's forward (the
+        layer's own ``forward`` attribute becomes :func:`_replayed`); ``mask`` only when the batches captured carry
+        an attention mask (packed rows: a fixed-shape block-diagonal mask)."""
 
         def __init__(self, layer):
             super().__init__()
             self.layer = layer
 
-        def forward(self, hidden, cos, sin):
-            out = self.layer(hidden, attention_mask=None, position_embeddings=(cos, sin))
+        def forward(self, hidden, cos, sin, mask=None):
+            out = type(self.layer).forward(self.layer, hidden, attention_mask=mask, position_embeddings=(cos, sin))
             return out[0] if isinstance(out, tuple) else out
 
-    class Replayed(nn.Module):
-        """Stands in the layer list for a graphed layer; the original stays its child (parameters, state dict and
-        attributes such as ``attention_type`` read through)."""
-
-        def __init__(self, layer, graphed, shape, tuple_out: bool):
-            super().__init__()
-            self.inner = layer
-            self.__dict__["_graphed"], self.__dict__["_shape"], self.__dict__["_tuple"] = graphed, shape, tuple_out
-
-        def forward(self, hidden_states, *args, attention_mask=None, position_embeddings=None, **kwargs):
-            if attention_mask is not None or tuple(hidden_states.shape) != self._shape or position_embeddings is None:
-                raise RuntimeError(f"graphed decoder layer: captured for {self._shape} without an attention mask, "
-                                   f"called with {tuple(hidden_states.shape)}"
-                                   f"{' and a mask' if attention_mask is not None else ''}")
-            out = self._graphed(hidden_states, *position_embeddings)
-            return (out,) if self._tuple else out
-
-        def __getattr__(self, name):
-            try:
-                return super().__getattr__(name)
-            except AttributeError:
-                return getattr(super().__getattr__("inner"), name)
-
-    return LayerCall, Replayed
+    return LayerCall
 
 
-def capture(model, batch: dict) -> int:
+def _replayed(layer, hidden_states, *args, attention_mask=None, position_embeddings=None, **kwargs):
+    """A graphed layer's forward: the graph's replay for the calls it was captured for; anything else —
+    evaluation, no gradient, another batch shape, a mask where there was none or none where there was one — runs
+    the layer's own forward (counted in ``layer._stackwise_eager``)."""
+    import torch
+
+    graphed, shape, mask_shape, tuple_out = layer.__dict__["_stackwise_graph"]
+    got_mask = None if attention_mask is None else tuple(attention_mask.shape)
+    if (layer.training and torch.is_grad_enabled() and position_embeddings is not None
+            and tuple(hidden_states.shape) == shape and got_mask == mask_shape):
+        out = graphed(hidden_states, *position_embeddings, *(() if attention_mask is None else (attention_mask,)))
+        return (out,) if tuple_out else out
+    eager = layer.__dict__.get("_stackwise_eager", 0)
+    if eager == 0:
+        log.info("CUDA graphs: a decoder layer call they were not captured for (%s, mask %s; captured %s, mask %s) "
+                 "runs eagerly", tuple(hidden_states.shape), got_mask, shape, mask_shape)
+    layer.__dict__["_stackwise_eager"] = eager + 1
+    return type(layer).forward(layer, hidden_states, *args, attention_mask=attention_mask,
+                               position_embeddings=position_embeddings, **kwargs)
+
+
+def restore(model) -> int:
+    """The decoder layers' own forward back (the graphs released); returns how many layers were graphed."""
+    layers = decoder_layers(model) or []
+    graphed = [layer for layer in layers if "_stackwise_graph" in layer.__dict__]
+    for layer in graphed:
+        for hook in layer.__dict__.pop("_stackwise_grad_hooks", []):
+            hook.remove()
+        for key in ("forward", "_stackwise_graph", "_stackwise_eager"):
+            layer.__dict__.pop(key, None)
+    return len(graphed)
+
+
+def _autocast_like_now():
+    """A context with the autocast state of the caller (the Trainer's mixed precision wraps the forward in one),
+    without its cast cache — a graph must not capture cached casts."""
+    import contextlib
+
+    import torch
+
+    if torch.is_autocast_enabled("cuda"):
+        return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
+    return contextlib.nullcontext()
+
+
+def capture(model, batch: dict, *, accumulating: bool = False) -> int:
     """Graph every decoder layer of ``model`` for batches shaped like ``batch`` (a dict of model inputs on the
     GPU): one eager forward records each layer's inputs, then the layers are captured together and replaced by
-    their replays. Returns the number of layers graphed."""
+    their replays. ``accumulating``: gradients are accumulated over several backward passes (gradient
+    accumulation, or a ``zero_grad`` that keeps the tensors), so each adapter gradient is copied out of the
+    graph's static buffer as it arrives — otherwise the next replay would overwrite the gradient its ``.grad``
+    still shares. Returns the number of layers graphed."""
     import torch
 
     layers = decoder_layers(model)
@@ -109,16 +137,50 @@ def capture(model, batch: dict) -> int:
     finally:
         for hook in hooks:
             hook.remove()
-    if any(mask is not None for _, mask, _ in recorded):
-        raise RuntimeError("graphed decoder layers need batches without an attention mask (causal SDPA)")
-    LayerCall, Replayed = _graphable()
+    masks = {None if mask is None else (tuple(mask.shape), mask.dtype) for _, mask, _ in recorded}
+    if len(masks) != 1 or any(mask is not None and not torch.is_tensor(mask) for _, mask, _ in recorded):
+        raise RuntimeError("graphed decoder layers need one attention mask (or none) of one shape for every layer")
+    LayerCall = _layer_call()
     calls = tuple(LayerCall(layer) for layer in layers)
     samples = tuple((torch.randn_like(hidden).requires_grad_(hidden.requires_grad), cos.detach().clone(),
-                     sin.detach().clone()) for hidden, _, (cos, sin) in recorded)
+                     sin.detach().clone(), *(() if mask is None else (mask.detach().clone(),)))
+                    for hidden, mask, (cos, sin) in recorded)
+    mask_shape = None if recorded[0][1] is None else tuple(recorded[0][1].shape)
     recorded.clear()
     torch.cuda.synchronize()
-    graphed = torch.cuda.make_graphed_callables(calls, samples, allow_unused_input=True)
-    for i, (layer, replay) in enumerate(zip(list(layers), graphed, strict=True)):
-        layers[i] = Replayed(layer, replay, tuple(samples[i][0].shape), outputs[0])
-    log.info("CUDA graphs: %d decoder layers captured for %s", len(layers), tuple(samples[0][0].shape))
+    with _autocast_like_now():
+        graphed = torch.cuda.make_graphed_callables(calls, samples, allow_unused_input=True)
+    for layer, replay, sample in zip(layers, graphed, samples, strict=True):
+        layer._stackwise_graph = (replay, tuple(sample[0].shape), mask_shape, outputs[0])
+        layer.forward = partial(_replayed, layer)      # the module tree, and so the state dict, stay as they were
+    if accumulating:
+        for layer in layers:
+            layer._stackwise_grad_hooks = [param.register_hook(torch.clone) for param in layer.parameters()
+                                           if param.requires_grad]
+    log.info("CUDA graphs: %d decoder layers captured for %s%s", len(layers), tuple(samples[0][0].shape),
+             f" with a {mask_shape} attention mask" if mask_shape else "")
     return len(layers)
+
+
+def capture_on_first_step(model, *, accumulating: bool = False, failed=None):
+    """Capture the decoder layers at the first training call of ``model`` (a forward pre-hook: the batch a
+    Trainer passes is what the graphs are shaped for); returns the hook's handle. Later batches of another
+    shape, and evaluation, run the layers eagerly (:func:`_replayed`). A capture that fails is logged and
+    leaves the layers eager (``failed(exc)`` is told)."""
+    import torch
+
+    def first_step(module, _args, kwargs):
+        if not module.training or not torch.is_grad_enabled() or "input_ids" not in kwargs:
+            return None
+        handle.remove()
+        try:
+            capture(module, dict(kwargs), accumulating=accumulating)
+        except Exception as exc:  # noqa: BLE001 - the run goes on with the eager layers
+            restore(module)
+            log.warning("CUDA graphs: capture failed, the layers stay eager: %s: %s", type(exc).__name__, exc)
+            if failed is not None:
+                failed(exc)
+        return None
+
+    handle = model.register_forward_pre_hook(first_step, with_kwargs=True)
+    return handle
