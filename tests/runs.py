@@ -64,10 +64,10 @@ def tiny_lora_model(path: Path):
                                             init_lora_weights=False))
 
 
-def speed_run(root: Path, model: Path, speed: dict):
-    """A 12-step pattern run through the whole trainer with these spec.json ``speed`` options (no held-out
-    evaluation): (outcome, summary, the logged losses). Fails the test unless it succeeds and the adapter it
-    saved, loaded onto the untouched base, answers as the trained model does."""
+def speed_run(root: Path, model: Path, speed: dict, **spec):
+    """A 12-step pattern run through the whole trainer with these spec.json ``speed`` options (and ``spec``
+    overrides; no held-out evaluation): (outcome, summary, the logged losses). Fails the test unless it
+    succeeds and the adapter it saved, loaded onto the untouched base, answers as the trained model does."""
     import json
 
     import torch
@@ -77,7 +77,7 @@ def speed_run(root: Path, model: Path, speed: dict):
     from tools.finetune.tiny import write_pattern_run
     from tools.finetune.train import run
 
-    run_dir = write_pattern_run(root, model, max_steps=12, batch_size=4)
+    run_dir = write_pattern_run(root, model, **{"max_steps": 12, "batch_size": 4, **spec})
     spec = json.loads((run_dir / "spec.json").read_text())
     (run_dir / "spec.json").write_text(json.dumps({**spec, "speed": speed, "evaluate": False}))
     outcome = run(run_dir)

@@ -153,3 +153,63 @@ def test_it_says_why_it_cannot_graph(tiny):
         assert "seed" in layer_graphs.why_not(model, lora_dropout=0.05)
         assert layer_graphs.why_not(model, lora_dropout=0.05, device_seeds=True) is None
     assert layer_graphs.decoder_layers(torch.nn.Linear(2, 2)) is None
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_a_trainer_run_with_graphs_follows_the_fused_run(tiny, tmp_path, eager_graphs, monkeypatch, packing):
+    """spec.json "speed": {"fused_lora": true, "cuda_graphs": true} through the whole trainer on CPU, with the
+    GPU parts stood in for (no GPU check, make_graphed_callables eager): batches of max_seq_len rows with the
+    packed-rows mask, the layers graphed at the first step and given back before the adapter is saved, the
+    switch recorded, and the same losses as the fused run without graphs (no LoRA dropout: the two draw their
+    masks differently)."""
+    from runs import speed_run
+
+    from tools.finetune import speed as speed_module
+
+    monkeypatch.setattr(layer_graphs, "why_not", lambda *a, **k: None)
+    wanted = speed_module.graphs_wanted
+    monkeypatch.setattr(speed_module, "graphs_wanted", lambda speed, method, cuda: wanted(speed, method, cuda=True))
+    runs = {}
+    for name, speed in (("fused", {"fused_lora": True}), ("graphs", {"fused_lora": True, "cuda_graphs": True})):
+        runs[name] = speed_run(tmp_path / name, tiny, speed, lora_dropout=0.0, packing=packing)
+    outcome, summary, losses = runs["graphs"]
+    assert "cuda_graphs" in summary["speed"]["applied"] and summary["speed"]["cuda_graphs"]
+    samples = eager_graphs["samples"]
+    hidden, mask = samples[0][0], samples[0][3]
+    assert hidden.shape[:2] == (4, 128) and mask.shape == (4, 1, 128, 128)   # rows of max_seq_len, one mask shape
+    layers = layer_graphs.decoder_layers(outcome.model)
+    assert all("_stackwise_graph" not in layer.__dict__ for layer in layers)   # given back at the end
+    fused = runs["fused"][2]
+    assert len(losses) == len(fused) >= 12 and losses[-1] < losses[0]
+    for got, want in zip(losses, fused, strict=True):
+        assert abs(got - want) <= 1e-4 * abs(want)
+
+
+def test_the_switch_says_why_it_does_not_apply():
+    from tools.finetune.speed import Speedups, graphs_wanted, speedups, training_callbacks
+
+    assert speedups({"cuda_graphs": True}).cuda_graphs and not speedups().cuda_graphs
+    for method, reason in (("qlora", "4-bit"), ("full", "only for LoRA")):
+        speed = Speedups(fused_lora=True, cuda_graphs=True)
+        assert not graphs_wanted(speed, method, cuda=True) and reason in speed.skipped["cuda_graphs"]
+    speed = Speedups(cuda_graphs=True)
+    assert not graphs_wanted(speed, "lora", cuda=True) and "fused" in speed.skipped["cuda_graphs"]
+    speed = Speedups(fused_lora=True, cuda_graphs=True)
+    assert [type(c).__name__ for c in training_callbacks(speed, "lora", cuda=False)] == ["SwitchCallback"]
+    assert speed.skipped["cuda_graphs"] == "needs a CUDA GPU"
+    assert graphs_wanted(Speedups(fused_lora=True, cuda_graphs=True), "lora", cuda=True)
+
+
+def test_the_row_collator_keeps_packed_examples_as_rows_of_max_seq_len():
+    from tools.finetune.row_packing import row_collator
+
+    collate = row_collator(pad_token_id=0, max_seq_len=8)
+    out = collate([{"input_ids": [5, 6, 7, 8, 9], "labels": [-100, 6, 7, 8, 9], "seq_lengths": [2, 3]},
+                   {"input_ids": [3, 4, 5], "labels": [3, 4, 5], "seq_lengths": [3]}])
+    assert set(out) == {"input_ids", "labels", "position_ids"}                 # no mask: the model builds one
+    assert out["input_ids"].tolist() == [[5, 6, 7, 8, 9, 0, 0, 0], [3, 4, 5, 0, 0, 0, 0, 0]]
+    assert out["position_ids"].tolist() == [[0, 1, 0, 1, 2, 0, 0, 0], [0, 1, 2, 0, 0, 0, 0, 0]]
+    assert out["labels"].tolist() == [[-100, 6, -100, 8, 9, -100, -100, -100],
+                                      [-100, 4, 5, -100, -100, -100, -100, -100]]
+    plain = row_collator(pad_token_id=0, max_seq_len=4)([{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}])
+    assert plain["position_ids"].tolist() == [[0, 1, 2, 0]] and plain["labels"].tolist() == [[-100, 2, 3, -100]]

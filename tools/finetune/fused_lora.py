@@ -293,5 +293,5 @@ def callback(speed):
     ``speed`` (:class:`~tools.finetune.speed.Speedups`) records whether it applied."""
     from tools.finetune.speed import switch_callback
 
-    return switch_callback(speed, "fused_lora", enable, restore,
+    return switch_callback(speed, "fused_lora", partial(enable, device_seeds=speed.cuda_graphs), restore,
                            lambda state: "no LoRA layer it can take: " + (", ".join(state.skipped) or "none found"))

@@ -42,14 +42,15 @@ from typing import Any
 log = logging.getLogger("stackwise.train")
 
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
-SWITCHES = ("liger", "fused_adamw", "fp8", "compile", "fused_lora")
+SWITCHES = ("liger", "fused_adamw", "fp8", "compile", "fused_lora", "cuda_graphs")
 # Measured on the H200 (evals/gpu/README.md, LoRA r16, batch 4 × 2048, same loss within 0.01 %): Liger is
 # 1.13× faster at the 7.6B shape (and 0.77× the memory) but 0.85× at the 0.5B shape (small matmuls: its extra
 # kernel launches cost more than they save), so it is on by default from LIGER_MIN_PARAMS parameters — and at
 # every size together with fused_lora (with peft's fp32 adapter copies gone, Liger took the 0.5B step from 1.23×
 # to 1.60× the baseline); fused AdamW measured no faster at either shape, so it is off. fused_lora is on for
 # LoRA runs on a GPU (None: by the method and the device).
-DEFAULTS = {"liger": None, "fused_adamw": False, "fp8": False, "compile": False, "fused_lora": None}
+DEFAULTS = {"liger": None, "fused_adamw": False, "fp8": False, "compile": False, "fused_lora": None,
+            "cuda_graphs": False}
 LIGER_MIN_PARAMS = 3e9
 
 
@@ -62,6 +63,7 @@ class Speedups:
     fp8: bool = False
     compile: bool = False
     fused_lora: bool = False
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         self.applied: list[str] = []
@@ -86,7 +88,8 @@ def speedups(options: dict | None = None) -> Speedups:
         raise ValueError(f"speed options are true or false: {', '.join(bad)}")
     chosen = {**DEFAULTS, **options}
     return Speedups(liger=bool(chosen["liger"]), fused_adamw=bool(chosen["fused_adamw"]), fp8=bool(chosen["fp8"]),
-                    compile=bool(chosen["compile"]), fused_lora=bool(chosen["fused_lora"]))
+                    compile=bool(chosen["compile"]), fused_lora=bool(chosen["fused_lora"]),
+                    cuda_graphs=bool(chosen["cuda_graphs"]))
 
 
 def choose(options: dict | None, *, total_params: int | None, method: str = "lora", cuda: bool = True) -> Speedups:
@@ -159,7 +162,9 @@ def switch_callback(speed: Speedups, name: str, enable, restore, why_none):
 NOT_FOR = {"fp8": {"qlora": "only for LoRA: QLoRA's base weights are already 4-bit",
                    "full": "only for LoRA: a full fine-tune trains the weights"},
            "fused_lora": {"qlora": "QLoRA's 4-bit base layers keep peft's forward",
-                          "full": "only for LoRA: a full fine-tune has no adapters"}}
+                          "full": "only for LoRA: a full fine-tune has no adapters"},
+           "cuda_graphs": {"qlora": "needs the fused LoRA layers, which QLoRA's 4-bit base layers do not take",
+                           "full": "only for LoRA: the graphs replay the fused adapter layers"}}
 
 
 def _lora_only(speed: Speedups, switch: str, method: str) -> bool:
@@ -194,10 +199,62 @@ def fused_lora_callback(speed: Speedups, method: str):
     return fused_lora.callback(speed)
 
 
-def training_callbacks(speed: Speedups, method: str, *, cuda: bool) -> list:
+def graphs_wanted(speed: Speedups, method: str, *, cuda: bool) -> bool:
+    """Whether the decoder layers are to be CUDA-graphed (``cuda_graphs``, on the fused LoRA layers, on a GPU);
+    if asked for but impossible, why not goes to ``speed.skipped``. The Trainer then takes fixed-shape batches
+    (:mod:`tools.finetune.row_packing`)."""
+    if not _lora_only(speed, "cuda_graphs", method):
+        return False
+    if not speed.fused_lora:
+        speed.skipped["cuda_graphs"] = "needs the fused LoRA layers (speed option fused_lora)"
+    elif not cuda:
+        speed.skipped["cuda_graphs"] = "needs a CUDA GPU"
+    return "cuda_graphs" not in speed.skipped
+
+
+def graphs_callback(speed: Speedups, *, lora_dropout: float, accumulating: bool):
+    """The Trainer callback that graphs the decoder layers at the first training step
+    (:func:`tools.finetune.layer_graphs.capture_on_first_step`) and gives them their own forward back at the end;
+    ``speed`` records it as applied, or why not (checkpointing, a failed capture)."""
+    from transformers import TrainerCallback
+
+    from tools.finetune import layer_graphs
+
+    def failed(exc: Exception) -> None:
+        speed.skipped["cuda_graphs"] = f"capture failed ({type(exc).__name__}: {str(exc)[:200]})"
+        if "cuda_graphs" in speed.applied:
+            speed.applied.remove("cuda_graphs")
+
+    class GraphsCallback(TrainerCallback):
+        model = None
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            if model is None or self.model is not None:
+                return
+            reason = layer_graphs.why_not(model, lora_dropout=lora_dropout, device_seeds=True)
+            if reason:
+                speed.skipped["cuda_graphs"] = reason
+                return
+            self.model = model
+            layer_graphs.capture_on_first_step(model, accumulating=accumulating, failed=failed)
+            speed.applied.append("cuda_graphs")
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.model is not None:
+                layer_graphs.restore(self.model)
+                self.model = None
+
+    return GraphsCallback()
+
+
+def training_callbacks(speed: Speedups, method: str, *, cuda: bool, lora_dropout: float = 0.0,
+                       accumulating: bool = False) -> list:
     """The Trainer callbacks of the switches that change the model as training starts (FP8, the fused LoRA
-    layer; the fused layer looks for FP8 weights at every call, so their order does not matter)."""
-    found = (fp8_callback(speed, method, cuda=cuda), fused_lora_callback(speed, method))
+    layer, then the CUDA graphs of the layers it is in; the fused layer looks for FP8 weights at every call, so
+    their order does not matter)."""
+    found = [fp8_callback(speed, method, cuda=cuda), fused_lora_callback(speed, method)]
+    if found[1] is not None and graphs_wanted(speed, method, cuda=cuda):
+        found.append(graphs_callback(speed, lora_dropout=lora_dropout, accumulating=accumulating))
     return [callback for callback in found if callback is not None]
 
 

@@ -184,7 +184,8 @@ def _train(paths: RunPaths, resume: bool, cancel: CancelFlag, facts: _Facts) -> 
     if job.gradient_checkpointing and job.checkpoint_every > 1 and not unsloth and not fsdp_on(job):
         callbacks.append(PartialCheckpointing(job.checkpoint_every).callback())   # only the layers memory needs
     if isinstance(job.speed, Speedups) and not unsloth:   # FP8 (opt-in), the fused LoRA layer (GPU default)
-        callbacks += training_callbacks(job.speed, spec.method, cuda=device.cuda)
+        callbacks += training_callbacks(job.speed, spec.method, cuda=device.cuda, lora_dropout=spec.lora_dropout,
+                                        accumulating=spec.grad_accum > 1)
     trainer = SFTTrainer(
         model=model,
         args=sft_config(job, device, paths.checkpoints, has_eval=bool(job.eval_rows)),
@@ -195,6 +196,13 @@ def _train(paths: RunPaths, resume: bool, cancel: CancelFlag, facts: _Facts) -> 
         callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)  # progress.jsonl and train.log replace the printed dicts
+    if isinstance(job.speed, Speedups) and job.speed.cuda_graphs and "cuda_graphs" not in job.speed.skipped \
+            and not unsloth:
+        # graphed layers replay one batch shape: rows of max_seq_len instead of trl's flattened packing (its
+        # constructor refuses a custom collator with packing, so it is set here, before any batch is drawn)
+        from tools.finetune.row_packing import row_collator
+
+        trainer.data_collator = row_collator(tokenizer.pad_token_id, spec.max_seq_len)
     facts.trainer, facts.progress = trainer, progress
     if len(trainer.train_dataset) == 0:
         raise TrainError(f"no training row has a completion token left within max_seq_len={spec.max_seq_len} "
