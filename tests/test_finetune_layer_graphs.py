@@ -113,6 +113,21 @@ def test_packed_rows_are_graphed_with_their_block_diagonal_mask(tiny, eager_grap
     assert layer._stackwise_eager == 1
 
 
+def test_with_mask_full_and_packed_batches_replay_the_same_graphs(tiny, eager_graphs):
+    """with_mask (what the trainer uses): captured from a batch that needs no mask, the graphs take the causal
+    mask for such batches and the block-diagonal one for packed batches of the same shape — no eager calls."""
+    model = tiny_lora_model(tiny).train()
+    model.config.use_cache = False
+    assert model.config._attn_implementation == "sdpa"
+    ref, ref_packed = loss_and_grads(model, batch()), loss_and_grads(model, packed_batch())
+    layer_graphs.capture(model, batch(), with_mask=True)
+    mask = eager_graphs["samples"][0][3]
+    assert mask.shape == (2, 1, 24, 24) and torch.equal(mask[0, 0], torch.ones(24, 24, dtype=torch.bool).tril())
+    same_step(model, batch(), ref)
+    same_step(model, packed_batch(), ref_packed)
+    assert "_stackwise_eager" not in layer_graphs.decoder_layers(model)[0].__dict__
+
+
 def test_capture_on_the_first_training_step_and_a_failed_capture(tiny, eager_graphs, monkeypatch):
     model = tiny_lora_model(tiny).train()
     model.config.use_cache = False

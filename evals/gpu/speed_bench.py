@@ -24,7 +24,9 @@ bitsandbytes as a user's model would). The training step is the same in every va
                 fast_flat: the fused layer without its thin-matmul dropout kernels (one flat dropout kernel
                 with PyTorch matmuls around it; tools/finetune/lora_kernels.py); fast_graphs: fast with each
                 decoder layer replayed as a CUDA graph (tools/finetune/layer_graphs.py: the host's launch cost
-                gone; dropout seeds read on the device; full-length rows)
+                gone; dropout seeds read on the device; full-length rows); fast_rows / fast_rows_graphs
+                (with --lengths real): packed as --batch rows of --seq tokens (tools/finetune/row_packing.py),
+                without / with the graphs
     packed      (with --lengths real) the same rows packed padding-free instead of padded batches
 
 ``--lengths real`` trains rows of chain-of-thought-like lengths (log-normal, median 700 tokens, cut to --seq)
@@ -80,6 +82,8 @@ VARIANTS = {
     "fast_keep": {"liger": True, "fused_lora": True, "keep_dropped": True, "kernels": False},
     "fast_flat": {"liger": True, "fused_lora": True, "kernels": False},
     "fast_graphs": {"liger": True, "fused_lora": True, "graphs": True},   # full-length rows
+    "fast_rows": {"liger": True, "fused_lora": True, "packed": "rows"},   # --lengths real: packed rows of --seq
+    "fast_rows_graphs": {"liger": True, "fused_lora": True, "packed": "rows", "graphs": True},
     "fused_fp8": {"fused_lora": True, "fp8": True},
     "liger_packed": {"liger": True, "packed": True},
     "unsloth": {"unsloth": True},                 # unsloth's FastLanguageModel (when installed; needs a GPU)
@@ -178,10 +182,13 @@ def row_lengths(args: argparse.Namespace, count: int) -> list[int]:
     return [max(64, min(args.seq, round(rng.lognormvariate(6.55, 0.6)))) for _ in range(count)]
 
 
-def make_batches(vocab: int, args: argparse.Namespace, *, packed: bool) -> list[dict]:
+def make_batches(vocab: int, args: argparse.Namespace, *, packed: bool | str) -> list[dict]:
     """The steps' inputs. Full-length random sequences (labels = inputs), or with ``--lengths real`` the same
     stream of rows either padded per batch (attention mask, padding labelled -100) or packed padding-free into
-    ``batch × seq`` tokens per step (position ids restart at each row; a row's first token predicts nothing)."""
+    ``batch × seq`` tokens per step (position ids restart at each row; a row's first token predicts nothing) —
+    as one flattened row (trl's padding-free packing), or with ``packed="rows"`` as ``batch`` rows of ``seq``
+    tokens each, filled in order and padded at the end (position 0 and label -100 on padding; the trainer's
+    ``tools/finetune/row_packing.py`` form, one fixed shape)."""
     import torch
 
     generator = torch.Generator().manual_seed(0)
@@ -199,8 +206,37 @@ def make_batches(vocab: int, args: argparse.Namespace, *, packed: bool) -> list[
     lengths = iter(row_lengths(args, steps * args.batch * 8))
     rows = (torch.randint(0, vocab, (n,), generator=generator) for n in lengths)
     out = []
+    pool: list = []
     for _ in range(steps):
-        if packed:
+        if packed == "rows":
+            # best-fit decreasing over a window of rows (as trl's "bfd" packing): the rows that fit nowhere
+            # wait for the next step
+            while len(pool) < 8 * args.batch:
+                pool.append(next(rows))
+            pool.sort(key=len, reverse=True)
+            bins: list[list] = [[] for _ in range(args.batch)]
+            free = [args.seq] * args.batch
+            left = []
+            for row in pool:
+                fits = [i for i in range(args.batch) if free[i] >= len(row)]
+                if not fits:
+                    left.append(row)
+                    continue
+                best = min(fits, key=lambda i: free[i] - len(row))
+                bins[best].append(row)
+                free[best] -= len(row)
+            pool = left
+            ids = torch.zeros(args.batch, args.seq, dtype=torch.long)
+            positions = torch.zeros(args.batch, args.seq, dtype=torch.long)
+            for i, parts in enumerate(bins):
+                used = 0
+                for row in parts:
+                    ids[i, used:used + len(row)], positions[i, used:used + len(row)] = row, torch.arange(len(row))
+                    used += len(row)
+            labels = ids.masked_fill(positions == 0, -100)
+            out.append({"input_ids": ids, "position_ids": positions, "labels": labels,
+                        "real_tokens": args.batch * args.seq - sum(free)})
+        elif packed:
             budget, parts = args.batch * args.seq, []
             while True:
                 row = next(rows)
@@ -280,7 +316,7 @@ def run_one(shape: str, method: str, variant: str, args: argparse.Namespace) -> 
         model = apply_variant(model, options, speed, cuda=cuda, offload=True)
     model.config.use_cache = False
     model.train()
-    batches = make_batches(config["vocab_size"], args, packed=bool(options.get("packed")))
+    batches = make_batches(config["vocab_size"], args, packed=options.get("packed", False))
     if options.get("graphs"):
         from tools.finetune import layer_graphs
 

@@ -7,7 +7,7 @@ GPU machine) and the tiny locally trained tokenizer; rows are synthetic chain-of
 ``--seq`` tokens, so every step trains full-length sequences.
 
     python evals/gpu/worker_check.py --out OUT [--jobs 0.5b:lora,0.5b:qlora,7b:lora] [--steps 50]
-        [--batch 4] [--seq 2048] [--sequential] [--dropout 0.05]
+        [--batch 4] [--seq 2048] [--sequential] [--dropout 0.05] [--speed '{"cuda_graphs": true}']
 
 A job may carry options after its method: ``7b:lora:gpus=2:batch=2`` (the spec's ``gpus`` and per-GPU
 ``batch_size``). ``--sequential`` writes ``"sampling": "sequential"`` into each queued run's spec.json, so jobs
@@ -61,10 +61,11 @@ def prepare(shapes: set[str], args: argparse.Namespace, work: Path) -> dict[str,
 
 
 def parse_job(text: str) -> tuple[str, str, dict]:
-    """``7b:lora:gpus=2:batch=2`` → ("7b", "lora", {"gpus": 2, "batch_size": 2}); ``engine=unsloth`` too."""
+    """``7b:lora:gpus=2:batch=2`` → ("7b", "lora", {"gpus": 2, "batch_size": 2}); ``engine=unsloth`` and
+    ``packing=1`` too."""
     shape, method, *rest = text.strip().split(":")
-    names = {"gpus": "gpus", "batch": "batch_size", "engine": "engine"}
-    options = {names[key]: value if key == "engine" else int(value)
+    names = {"gpus": "gpus", "batch": "batch_size", "engine": "engine", "packing": "packing"}
+    options = {names[key]: value if key == "engine" else bool(int(value)) if key == "packing" else int(value)
                for key, _, value in (item.partition("=") for item in rest)}
     return shape, method, options
 
@@ -80,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default="/tmp/sw-worker-check")
     parser.add_argument("--sequential", action="store_true", help="rows in file order (see the docstring)")
     parser.add_argument("--dropout", type=float, default=0.05, help="lora_dropout")
+    parser.add_argument("--speed", type=json.loads, default=None,
+                        help="spec.json speed options for every job, as JSON (default: the trainer's defaults)")
     parser.add_argument("--no-eval", action="store_true",
                         help="skip the held-out evaluation after training (spec.json \"evaluate\": false)")
     args = parser.parse_args(argv)
@@ -112,9 +115,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{shape} {method}: launch refused: {json.dumps(record.get('error'))}", flush=True)
             continue
         job_id = record["result"]["job_id"]
-        label = "-".join([shape, method, *(f"{k}{v}" for k, v in options.items())])
+        label = "-".join([shape, method, *(f"{k}{v}" for k, v in options.items()),
+                          *(k for k, v in (args.speed or {}).items() if v)])
         run_keys = {**({"sampling": "sequential"} if args.sequential else {}),
-                    **({"evaluate": False} if args.no_eval else {})}
+                    **({"evaluate": False} if args.no_eval else {}),
+                    **({"speed": args.speed} if args.speed is not None else {})}
         if run_keys:
             spec_path = Path(toolbox.jobs().show(job_id, USER)["run_dir"]) / "spec.json"
             spec_path.write_text(json.dumps({**json.loads(spec_path.read_text()), **run_keys}))

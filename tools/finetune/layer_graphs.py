@@ -76,7 +76,9 @@ def _replayed(layer, hidden_states, *args, attention_mask=None, position_embeddi
     the layer's own forward (counted in ``layer._stackwise_eager``)."""
     import torch
 
-    graphed, shape, mask_shape, tuple_out = layer.__dict__["_stackwise_graph"]
+    graphed, shape, mask_shape, tuple_out, causal = layer.__dict__["_stackwise_graph"]
+    if attention_mask is None and causal is not None:
+        attention_mask = causal          # full rows, no packing: the plain causal mask of the captured shape
     got_mask = None if attention_mask is None else tuple(attention_mask.shape)
     if (layer.training and torch.is_grad_enabled() and position_embeddings is not None
             and tuple(hidden_states.shape) == shape and got_mask == mask_shape):
@@ -115,13 +117,15 @@ def _autocast_like_now():
     return contextlib.nullcontext()
 
 
-def capture(model, batch: dict, *, accumulating: bool = False) -> int:
+def capture(model, batch: dict, *, accumulating: bool = False, with_mask: bool = False) -> int:
     """Graph every decoder layer of ``model`` for batches shaped like ``batch`` (a dict of model inputs on the
     GPU): one eager forward records each layer's inputs, then the layers are captured together and replaced by
     their replays. ``accumulating``: gradients are accumulated over several backward passes (gradient
     accumulation, or a ``zero_grad`` that keeps the tensors), so each adapter gradient is copied out of the
     graph's static buffer as it arrives — otherwise the next replay would overwrite the gradient its ``.grad``
-    still shares. Returns the number of layers graphed."""
+    still shares. ``with_mask`` (SDPA models): capture with an attention mask even when ``batch`` needs none, and
+    give batches without one the causal mask — so that padded / packed batches and full ones replay the same
+    graphs (a Trainer's batches vary between the two). Returns the number of layers graphed."""
     import torch
 
     layers = decoder_layers(model)
@@ -140,6 +144,12 @@ def capture(model, batch: dict, *, accumulating: bool = False) -> int:
     masks = {None if mask is None else (tuple(mask.shape), mask.dtype) for _, mask, _ in recorded}
     if len(masks) != 1 or any(mask is not None and not torch.is_tensor(mask) for _, mask, _ in recorded):
         raise RuntimeError("graphed decoder layers need one attention mask (or none) of one shape for every layer")
+    causal = None
+    if with_mask and recorded[0][1] is None and getattr(model.config, "_attn_implementation", None) == "sdpa":
+        rows, length = recorded[0][0].shape[:2]
+        causal = torch.ones(length, length, dtype=torch.bool, device=recorded[0][0].device).tril()
+        causal = causal[None, None].expand(rows, 1, length, length)
+        recorded = [(hidden, causal, embeddings) for hidden, _, embeddings in recorded]
     LayerCall = _layer_call()
     calls = tuple(LayerCall(layer) for layer in layers)
     samples = tuple((torch.randn_like(hidden).requires_grad_(hidden.requires_grad), cos.detach().clone(),
@@ -151,7 +161,7 @@ def capture(model, batch: dict, *, accumulating: bool = False) -> int:
     with _autocast_like_now():
         graphed = torch.cuda.make_graphed_callables(calls, samples, allow_unused_input=True)
     for layer, replay, sample in zip(layers, graphed, samples, strict=True):
-        layer._stackwise_graph = (replay, tuple(sample[0].shape), mask_shape, outputs[0])
+        layer._stackwise_graph = (replay, tuple(sample[0].shape), mask_shape, outputs[0], causal)
         layer.forward = partial(_replayed, layer)      # the module tree, and so the state dict, stay as they were
     if accumulating:
         for layer in layers:
@@ -162,7 +172,7 @@ def capture(model, batch: dict, *, accumulating: bool = False) -> int:
     return len(layers)
 
 
-def capture_on_first_step(model, *, accumulating: bool = False, failed=None):
+def capture_on_first_step(model, *, accumulating: bool = False, with_mask: bool = True, failed=None):
     """Capture the decoder layers at the first training call of ``model`` (a forward pre-hook: the batch a
     Trainer passes is what the graphs are shaped for); returns the hook's handle. Later batches of another
     shape, and evaluation, run the layers eagerly (:func:`_replayed`). A capture that fails is logged and
@@ -174,7 +184,7 @@ def capture_on_first_step(model, *, accumulating: bool = False, failed=None):
             return None
         handle.remove()
         try:
-            capture(module, dict(kwargs), accumulating=accumulating)
+            capture(module, dict(kwargs), accumulating=accumulating, with_mask=with_mask)
         except Exception as exc:  # noqa: BLE001 - the run goes on with the eager layers
             restore(module)
             log.warning("CUDA graphs: capture failed, the layers stay eager: %s: %s", type(exc).__name__, exc)
