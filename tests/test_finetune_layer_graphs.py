@@ -125,7 +125,12 @@ def test_with_mask_full_and_packed_batches_replay_the_same_graphs(tiny, eager_gr
     assert mask.shape == (2, 1, 24, 24) and torch.equal(mask[0, 0], torch.ones(24, 24, dtype=torch.bool).tril())
     same_step(model, batch(), ref)
     same_step(model, packed_batch(), ref_packed)
-    assert "_stackwise_eager" not in layer_graphs.decoder_layers(model)[0].__dict__
+    layer = layer_graphs.decoder_layers(model)[0]
+    assert "_stackwise_eager" not in layer.__dict__
+    fewer = {k: v[:1] for k, v in batch().items()}                    # a smaller batch, no mask: eager, causal
+    model.zero_grad(set_to_none=True)
+    ref_fewer = float(model(**fewer).loss.detach())
+    assert layer._stackwise_eager == 1 and ref_fewer > 0
 
 
 def test_capture_on_the_first_training_step_and_a_failed_capture(tiny, eager_graphs, monkeypatch):

@@ -1,9 +1,11 @@
 """Sequence packing without cross-contamination, and what padding costs.
 
-``packing: true`` makes trl concatenate rows padding-free (best-fit decreasing) with position ids that restart
-at every row; transformers turns restarting position ids into a block-diagonal causal mask for PyTorch's SDPA,
-and trl drops the label that would make a row's first token a prediction from the previous row. So a packed
-batch must give every token exactly the loss it has in a padded batch — checked here on the tiny model, with a
+``packing: true`` makes trl pack rows (best-fit decreasing) into examples of at most max_seq_len tokens; the
+trainer keeps each packed example as a batch row (``tools/finetune/row_packing.py``; trl's own collator would
+flatten the batch into one row) with position ids that restart at every row; transformers turns restarting
+position ids into a block-diagonal causal mask for PyTorch's SDPA, and the label that would make a row's first
+token a prediction from the previous row is dropped. So a packed batch must give every token exactly the loss
+it has in a padded batch — checked here on the tiny model, with a
 control that the check sees contamination when the position ids do not restart.
 """
 
@@ -66,6 +68,28 @@ def test_a_packed_batch_gives_every_token_the_loss_it_has_alone(tiny):
     assert alone.shape == together.shape == (41 - 4,)      # each row's first token predicts nothing
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
     assert leaky.shape != alone.shape or not torch.allclose(leaky, alone, atol=1e-3)
+
+
+def test_packed_rows_give_every_token_the_loss_it_has_alone(tiny):
+    """The trainer's form (tools/finetune/row_packing.py): trl's packed examples kept as rows of max_seq_len,
+    position ids restarting, padding at the end of each row — the same per-token losses as each row alone."""
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from tools.finetune.row_packing import row_collator
+
+    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32, attn_implementation="sdpa").eval()
+    rows = examples([7, 19, 4, 11, 9])
+    packed_examples = [{"input_ids": rows[0]["input_ids"] + rows[1]["input_ids"], "seq_lengths": [7, 19]},
+                       {"input_ids": rows[2]["input_ids"] + rows[3]["input_ids"] + rows[4]["input_ids"],
+                        "seq_lengths": [4, 11, 9]}]
+    batch = row_collator(pad_token_id=0, max_seq_len=32)(packed_examples)
+    assert batch["input_ids"].shape == (2, 32) and "attention_mask" not in batch
+    with torch.no_grad():
+        alone = token_losses(model, DataCollatorForLanguageModeling(pad_token_id=0)(rows))
+        together = token_losses(model, batch)
+    assert together.shape == alone.shape == (50 - 5,)
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
 
 
 def test_a_packed_run_trains(tiny, tmp_path):

@@ -77,7 +77,7 @@ def _replayed(layer, hidden_states, *args, attention_mask=None, position_embeddi
     import torch
 
     graphed, shape, mask_shape, tuple_out, causal = layer.__dict__["_stackwise_graph"]
-    if attention_mask is None and causal is not None:
+    if attention_mask is None and causal is not None and tuple(hidden_states.shape) == shape:
         attention_mask = causal          # full rows, no packing: the plain causal mask of the captured shape
     got_mask = None if attention_mask is None else tuple(attention_mask.shape)
     if (layer.training and torch.is_grad_enabled() and position_embeddings is not None

@@ -196,10 +196,11 @@ def _train(paths: RunPaths, resume: bool, cancel: CancelFlag, facts: _Facts) -> 
         callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)  # progress.jsonl and train.log replace the printed dicts
-    if isinstance(job.speed, Speedups) and job.speed.cuda_graphs and "cuda_graphs" not in job.speed.skipped \
-            and not unsloth:
-        # graphed layers replay one batch shape: rows of max_seq_len instead of trl's flattened packing (its
-        # constructor refuses a custom collator with packing, so it is set here, before any batch is drawn)
+    graphs = isinstance(job.speed, Speedups) and job.speed.cuda_graphs and "cuda_graphs" not in job.speed.skipped
+    if (spec.packing or graphs) and not unsloth:
+        # packed examples as rows of max_seq_len instead of trl's one flattened row (which SDPA attends as one
+        # sequence under a mask: measured 4× slower at 8 × 2048); one batch shape for graphed layers. trl's
+        # constructor refuses a custom collator with packing, so it is set here, before any batch is drawn.
         from tools.finetune.row_packing import row_collator
 
         trainer.data_collator = row_collator(tokenizer.pad_token_id, spec.max_seq_len)
