@@ -17,7 +17,8 @@ accumulation either way), three matmuls forward and five backward, and no copies
 It keeps for the backward only its input (a view, shared by every layer that reads the same tensor) and ``h``
 (r values per token) — instead of peft's fp32 copies of the input and of its dropped-out version; with dropout
 the mask is drawn again in the backward from a seed (the global generator's next number, so a checkpointed
-forward draws the same one) rather than kept. On a GPU the mask is applied inside the thin matmuls by the Triton
+forward draws the same one; or, for CUDA-graphed layers, read on the device from a counter the model's call
+advances: :class:`DeviceSeeds`) rather than kept. On a GPU the mask is applied inside the thin matmuls by the Triton
 kernels of :mod:`tools.finetune.lora_kernels` (``h = xd · Aᵀ``, A's gradient and the masked share of the input
 gradient each read the full-width tensor once; they read A in fp32 and take ``s`` as a factor, so only B is
 cast and nothing is scaled by a launch of its own — at the 0.5B shape the step is bound by the host's launch

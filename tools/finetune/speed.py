@@ -16,6 +16,11 @@ Switches (``spec.json`` → ``"speed": {...}``, or :func:`speedups` defaults):
   7B shape 1.77× the tokens/s at 0.46× the memory (GPU-bound), 0.5B shape 1.68–1.98× at 0.26× (bound by the
   host's kernel launches, so by the machine's CPU); adapter gradients within bf16 tolerance of fp32 (1.03× plain
   bf16's error).
+- ``cuda_graphs``: each decoder layer's forward and backward replayed as a CUDA graph
+  (``tools/finetune/layer_graphs.py``; LoRA with ``fused_lora`` on a GPU, its dropout seeds on the device; batches
+  as fixed rows of ``max_seq_len``, ``tools/finetune/row_packing.py``). Off by default: 2.47–2.48× the baseline
+  at 0.5B in the benchmark (our default 1.95–2.32× on the same machines), but through the worker not faster than
+  the default yet (86–87k vs 83–100k tokens/s, one run each).
 
 Each is on by default only where it was measured faster with the same loss (``evals/gpu/speed_bench.py``);
 a switch that cannot apply (no GPU, package missing, unknown model type) is reported and skipped, never fatal.
