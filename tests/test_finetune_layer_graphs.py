@@ -57,7 +57,7 @@ def eager_graphs(monkeypatch):
     captured = {}
 
     def eager(callables, samples, **kwargs):
-        captured["samples"] = samples
+        captured["samples"], captured["callables"] = samples, callables
         return callables
 
     monkeypatch.setattr(torch.cuda, "make_graphed_callables", eager)
@@ -104,10 +104,15 @@ def test_packed_rows_are_graphed_with_their_block_diagonal_mask(tiny, eager_grap
     ref, ref_plain = loss_and_grads(model, packed_batch()), loss_and_grads(model, batch())
     assert ref[0] != pytest.approx(ref_plain[0])                        # the packing changes what is attended
     layer_graphs.capture(model, packed_batch())
-    mask = eager_graphs["samples"][0][3]
+    slots = {call.slot for call in eager_graphs["callables"]}
+    assert len(slots) == 1 and all(len(sample) == 3 for sample in eager_graphs["samples"])   # one mask buffer
+    slot = slots.pop()
+    mask = slot.buffer.clone()
     assert mask.shape == (2, 1, 24, 24)
     assert not bool(mask[0, 0, 12, 5]) and bool(mask[0, 0, 12, 11])     # no attention across the packed rows
-    same_step(model, packed_batch(), ref)
+    slot.buffer.zero_()
+    same_step(model, packed_batch(), ref)                               # the step's mask copied in, once
+    assert torch.equal(slot.buffer, mask) and slot.last is not None
     layer = layer_graphs.decoder_layers(model)[0]
     same_step(model, batch(), ref_plain)                                # no mask where one was captured: eager
     assert layer._stackwise_eager == 1
@@ -121,10 +126,13 @@ def test_with_mask_full_and_packed_batches_replay_the_same_graphs(tiny, eager_gr
     assert model.config._attn_implementation == "sdpa"
     ref, ref_packed = loss_and_grads(model, batch()), loss_and_grads(model, packed_batch())
     layer_graphs.capture(model, batch(), with_mask=True)
-    mask = eager_graphs["samples"][0][3]
-    assert mask.shape == (2, 1, 24, 24) and torch.equal(mask[0, 0], torch.ones(24, 24, dtype=torch.bool).tril())
+    slot = eager_graphs["callables"][0].slot
+    causal = torch.ones(24, 24, dtype=torch.bool).tril()
+    assert slot.buffer.shape == (2, 1, 24, 24) and torch.equal(slot.buffer[0, 0], causal)
     same_step(model, batch(), ref)
     same_step(model, packed_batch(), ref_packed)
+    assert not torch.equal(slot.buffer[0, 0], causal)                  # the packed batch's mask went in
+    same_step(model, batch(), ref)                                      # and the causal one back
     layer = layer_graphs.decoder_layers(model)[0]
     assert "_stackwise_eager" not in layer.__dict__
     fewer = {k: v[:1] for k, v in batch().items()}                    # a smaller batch, no mask: eager, causal
@@ -194,8 +202,7 @@ def test_a_trainer_run_with_graphs_follows_the_fused_run(tiny, tmp_path, eager_g
         runs[name] = speed_run(tmp_path / name, tiny, speed, lora_dropout=0.0, packing=packing)
     outcome, summary, losses = runs["graphs"]
     assert "cuda_graphs" in summary["speed"]["applied"] and summary["speed"]["cuda_graphs"]
-    samples = eager_graphs["samples"]
-    hidden, mask = samples[0][0], samples[0][3]
+    hidden, mask = eager_graphs["samples"][0][0], eager_graphs["callables"][0].slot.buffer
     assert hidden.shape[:2] == (4, 128) and mask.shape == (4, 1, 128, 128)   # rows of max_seq_len, one mask shape
     layers = layer_graphs.decoder_layers(outcome.model)
     assert all("_stackwise_graph" not in layer.__dict__ for layer in layers)   # given back at the end

@@ -11,8 +11,9 @@ read on the device (``fused_lora.enable(device_seeds=True)``: a counter on the G
 model call, so each replay draws a new mask); no gradient checkpointing. A call a graph was not captured for —
 evaluation, another batch shape, a mask where there was none — runs the layer eagerly, so fixed shapes are what
 make it pay: full-length rows, or the trainer's packed rows of ``max_seq_len`` (``row_packing.py``) whose
-block-diagonal attention mask is a graph input. With gradient accumulation each adapter gradient is copied out
-of the graph's static buffer (a replay would overwrite what ``.grad`` shares).
+block-diagonal attention mask all graphs read from one buffer (:class:`MaskSlot`). With gradient accumulation
+each adapter gradient is copied out of the graph's static buffer (a replay would overwrite what ``.grad``
+shares).
 
 Measured on the H200 (``evals/gpu/README.md``): 0.5B, 8 × 2048, dropout 0.05 — 120.0k–120.5k tokens/s, 2.47–2.48×
 plain transformers + peft, against 95.2k–112.7k for the same path without graphs; 7B no faster (GPU-bound),
@@ -55,19 +56,41 @@ def why_not(model, *, lora_dropout: float, device_seeds: bool = False) -> str | 
     return None
 
 
+class MaskSlot:
+    """The one attention-mask buffer every graphed layer reads (a graph reads fixed memory): the batch's mask is
+    copied in once per step — when a layer sees a mask object other than the last one copied — instead of each
+    layer's graph keeping and filling its own copy (0.75 GiB at 0.5B, 8 × 2048)."""
+
+    def __init__(self, mask):
+        import torch
+
+        self.buffer = mask.detach().clone(memory_format=torch.contiguous_format)
+        self.last = mask
+
+    def takes(self, mask) -> bool:
+        return mask is not None and tuple(mask.shape) == tuple(self.buffer.shape) and mask.dtype == self.buffer.dtype
+
+    def fill(self, mask) -> None:
+        if mask is not self.last:           # the same object for every layer of a step: one copy a step
+            self.buffer.copy_(mask)
+            self.last = mask                # kept alive, so its id cannot be reused by the next step's mask
+
+
 def _layer_call():
     import torch.nn as nn
 
     class LayerCall(nn.Module):
         """A decoder layer as a function of tensors only (what a graphed callable takes): its class's forward (the
-        layer's own ``forward`` attribute becomes :func:`_replayed`); ``mask`` only when the batches captured carry
-        an attention mask (packed rows: a fixed-shape block-diagonal mask)."""
+        layer's own ``forward`` attribute becomes :func:`_replayed`), reading the attention mask from the shared
+        :class:`MaskSlot` when the batches captured carry one (packed rows: a fixed-shape block-diagonal mask)."""
 
-        def __init__(self, layer):
+        def __init__(self, layer, slot):
             super().__init__()
             self.layer = layer
+            self.__dict__["slot"] = slot
 
-        def forward(self, hidden, cos, sin, mask=None):
+        def forward(self, hidden, cos, sin):
+            mask = None if self.slot is None else self.slot.buffer
             out = type(self.layer).forward(self.layer, hidden, attention_mask=mask, position_embeddings=(cos, sin))
             return out[0] if isinstance(out, tuple) else out
 
@@ -80,18 +103,22 @@ def _replayed(layer, hidden_states, *args, attention_mask=None, position_embeddi
     the layer's own forward (counted in ``layer._stackwise_eager``)."""
     import torch
 
-    graphed, shape, mask_shape, tuple_out, causal = layer.__dict__["_stackwise_graph"]
-    if attention_mask is None and causal is not None and tuple(hidden_states.shape) == shape:
+    graphed, shape, tuple_out, causal, slot = layer.__dict__["_stackwise_graph"]
+    same_shape = tuple(hidden_states.shape) == shape
+    if attention_mask is None and causal is not None and same_shape:
         attention_mask = causal          # full rows, no packing: the plain causal mask of the captured shape
-    got_mask = None if attention_mask is None else tuple(attention_mask.shape)
-    if (layer.training and torch.is_grad_enabled() and position_embeddings is not None
-            and tuple(hidden_states.shape) == shape and got_mask == mask_shape):
-        out = graphed(hidden_states, *position_embeddings, *(() if attention_mask is None else (attention_mask,)))
+    mask_fits = slot.takes(attention_mask) if slot is not None else attention_mask is None
+    if layer.training and torch.is_grad_enabled() and position_embeddings is not None and same_shape and mask_fits:
+        if slot is not None:
+            slot.fill(attention_mask)
+        out = graphed(hidden_states, *position_embeddings)
         return (out,) if tuple_out else out
     eager = layer.__dict__.get("_stackwise_eager", 0)
     if eager == 0:
         log.info("CUDA graphs: a decoder layer call they were not captured for (%s, mask %s; captured %s, mask %s) "
-                 "runs eagerly", tuple(hidden_states.shape), got_mask, shape, mask_shape)
+                 "runs eagerly", tuple(hidden_states.shape),
+                 None if attention_mask is None else tuple(attention_mask.shape), shape,
+                 None if slot is None else tuple(slot.buffer.shape))
     layer.__dict__["_stackwise_eager"] = eager + 1
     return type(layer).forward(layer, hidden_states, *args, attention_mask=attention_mask,
                                position_embeddings=position_embeddings, **kwargs)
@@ -154,18 +181,18 @@ def capture(model, batch: dict, *, accumulating: bool = False, with_mask: bool =
         causal = torch.ones(length, length, dtype=torch.bool, device=recorded[0][0].device).tril()
         causal = causal[None, None].expand(rows, 1, length, length)
         recorded = [(hidden, causal, embeddings) for hidden, _, embeddings in recorded]
+    slot = None if recorded[0][1] is None else MaskSlot(recorded[0][1])
     LayerCall = _layer_call()
-    calls = tuple(LayerCall(layer) for layer in layers)
+    calls = tuple(LayerCall(layer, slot) for layer in layers)
     samples = tuple((torch.randn_like(hidden).requires_grad_(hidden.requires_grad), cos.detach().clone(),
-                     sin.detach().clone(), *(() if mask is None else (mask.detach().clone(),)))
-                    for hidden, mask, (cos, sin) in recorded)
-    mask_shape = None if recorded[0][1] is None else tuple(recorded[0][1].shape)
+                     sin.detach().clone()) for hidden, _, (cos, sin) in recorded)
+    mask_shape = None if slot is None else tuple(slot.buffer.shape)
     recorded.clear()
     torch.cuda.synchronize()
     with _autocast_like_now():
         graphed = torch.cuda.make_graphed_callables(calls, samples, allow_unused_input=True)
     for layer, replay, sample in zip(layers, graphed, samples, strict=True):
-        layer._stackwise_graph = (replay, tuple(sample[0].shape), mask_shape, outputs[0], causal)
+        layer._stackwise_graph = (replay, tuple(sample[0].shape), outputs[0], causal, slot)
         layer.forward = partial(_replayed, layer)      # the module tree, and so the state dict, stay as they were
     if accumulating:
         for layer in layers:
