@@ -220,7 +220,7 @@ def test_the_switch_says_why_it_does_not_apply():
         speed = Speedups(fused_lora=True, cuda_graphs=True)
         assert not graphs_wanted(speed, method, cuda=True) and reason in speed.skipped["cuda_graphs"]
     speed = Speedups(cuda_graphs=True)
-    assert not graphs_wanted(speed, "lora", cuda=True) and "fused" in speed.skipped["cuda_graphs"]
+    assert not training_callbacks(speed, "lora", cuda=True) and "fused" in speed.skipped["cuda_graphs"]
     speed = Speedups(fused_lora=True, cuda_graphs=True)
     assert [type(c).__name__ for c in training_callbacks(speed, "lora", cuda=False)] == ["SwitchCallback"]
     assert speed.skipped["cuda_graphs"] == "needs a CUDA GPU"

@@ -258,7 +258,7 @@ def training_callbacks(speed: Speedups, method: str, *, cuda: bool, lora_dropout
     layer, then the CUDA graphs of the layers it is in; the fused layer looks for FP8 weights at every call, so
     their order does not matter)."""
     found = [fp8_callback(speed, method, cuda=cuda), fused_lora_callback(speed, method)]
-    if found[1] is not None and graphs_wanted(speed, method, cuda=cuda):
+    if speed.cuda_graphs and graphs_wanted(speed, method, cuda=cuda):
         found.append(graphs_callback(speed, lora_dropout=lora_dropout, accumulating=accumulating))
     return [callback for callback in found if callback is not None]
 
