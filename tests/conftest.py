@@ -50,6 +50,15 @@ def cli_env(stackwise_home) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Path:
+    """The tiny random Llama-architecture model and its tokenizer (``tools/finetune/tiny.py``), built once for
+    the whole session; the fine-tune tests read it or copy it, never write into it."""
+    from tools.finetune.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
 def stackwise_bin() -> str:
     return str(BIN / "stackwise")
 

@@ -19,15 +19,10 @@ from tools.finetune import data as ftdata
 from tools.finetune.data import load_examples, load_tokenizer, prepare_dataset, render_dataset, split_indices
 from tools.finetune.preflight import GIB, count_params, estimate_vram, preflight, tokens_per_second
 from tools.finetune.spec import FinetuneSpec
-from tools.finetune.tiny import CHAT_TEMPLATE, build_tiny_model
+from tools.finetune.tiny import CHAT_TEMPLATE
 
 FIXTURE = Path(__file__).parent / "fixtures" / "finetune" / "medical_cot.jsonl"
 COT_ROWS = [json.loads(line) for line in FIXTURE.read_text(encoding="utf-8").splitlines()]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "llama")
 
 
 @pytest.fixture(scope="module")

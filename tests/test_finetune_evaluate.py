@@ -27,7 +27,6 @@ from tools.finetune.eval_metrics import (  # noqa: E402
     token_f1,
 )
 from tools.finetune.evaluate import HeldOutEvaluation, completion_loss, encode_row  # noqa: E402
-from tools.finetune.tiny import build_tiny_model  # noqa: E402
 from tools.finetune.train import run  # noqa: E402
 from tools.finetune.train_progress import CancelFlag  # noqa: E402
 
@@ -35,11 +34,6 @@ from tools.finetune.train_progress import CancelFlag  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore:.*is deprecated and will be removed in v6:FutureWarning")
 WORDS = ("red", "blue", "green", "cat", "dog", "sun")
 PHASE_KEYS = {"loss", "perplexity", "format_ok", "exact_match", "f1"}
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama")
 
 
 @pytest.fixture(scope="module")

@@ -49,11 +49,6 @@ with open(args[args.index("--outfile") + 1], "wb") as fh:
 
 # ---- a finished run, once ---------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama")
-
-
 def _rows(tok, n: int) -> str:
     lines = []
     for i in range(n):

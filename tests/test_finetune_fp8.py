@@ -4,8 +4,6 @@ is measured on the H200 (evals/gpu/speed_bench.py)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -52,13 +50,6 @@ def test_fp8_linear_forward_and_input_gradient_match_the_plain_matmul():
     (out * upstream).sum().backward()
     (reference * upstream).sum().backward()
     assert x.grad.shape == ref_x.grad.shape and rel(x.grad, ref_x.grad) < 0.05
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    from tools.finetune.tiny import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
 
 
 def test_switching_a_lora_model_to_fp8_and_back(tiny):

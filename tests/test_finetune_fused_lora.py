@@ -4,8 +4,6 @@ and back; the layers it must leave to peft are left. Its speed is measured on th
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -16,13 +14,6 @@ from runs import speed_run, tiny_lora_model  # noqa: E402
 from tools.finetune import fused_lora  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is deprecated and will be removed in v6:FutureWarning")
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    from tools.finetune.tiny import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-fused"))
 
 
 def batch():

@@ -6,8 +6,6 @@ reachable, and a batch the graphs were not captured for refused with a clear err
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -18,13 +16,6 @@ from runs import tiny_lora_model  # noqa: E402
 from tools.finetune import layer_graphs  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is deprecated and will be removed in v6:FutureWarning")
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    from tools.finetune.tiny import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-graphs"))
 
 
 def batch(length: int = 24):

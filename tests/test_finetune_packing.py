@@ -12,7 +12,6 @@ control that the check sees contamination when the position ids do not restart.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from shapes import QWEN_7B
@@ -25,13 +24,6 @@ pytest.importorskip("trl")
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is deprecated and will be removed in v6:FutureWarning")
 H200 = {"name": "NVIDIA H200", "memory_gb": 139}
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    from tools.finetune.tiny import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
 
 
 def examples(lengths: list[int]) -> list[dict]:

@@ -38,15 +38,10 @@ from tools.finetune.distributed import (  # noqa: E402
     train_argv,
     visible_gpus,
 )
-from tools.finetune.tiny import build_tiny_model, write_pattern_run  # noqa: E402
+from tools.finetune.tiny import write_pattern_run  # noqa: E402
 from tools.finetune.worker import Worker  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is deprecated and will be removed in v6:FutureWarning")
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama")
 
 
 # answers of 1–5 words, so batches hold different token counts: the loss must be averaged over the tokens of the

@@ -20,18 +20,12 @@ from tools.finetune.launch import queue_job
 from tools.finetune.rundir import RunPaths
 from tools.finetune.sources import fetch_model, resolve_model
 from tools.finetune.spec import FinetuneSpec
-from tools.finetune.tiny import build_tiny_model
 from tools.finetune.train import main
 from tools.finetune.train_setup import TrainError, load_job
 
 FIXTURE = Path(__file__).parent / "fixtures" / "finetune" / "medical_cot.jsonl"
 HUB_ID = "Qwen/Qwen2.5-0.5B"
 MS_ID = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-model")
 
 
 @pytest.fixture

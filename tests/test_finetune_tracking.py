@@ -20,7 +20,6 @@ pytest.importorskip("trl")
 pytest.importorskip("peft")
 
 from memory.jobs import JobStore  # noqa: E402
-from tools.finetune.tiny import build_tiny_model  # noqa: E402
 from tools.finetune.tracking import wanted_trackers  # noqa: E402
 from tools.finetune.train import run  # noqa: E402
 
@@ -28,11 +27,6 @@ WORDS = ("red", "blue", "green")
 TRACKER_ENV = ("WANDB_API_KEY", "WANDB_MODE", "WANDB_DISABLED", "WANDB_PROJECT", "WANDB_RUN_ID", "WANDB_RESUME",
                "WANDB_ENTITY", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID",
                "DISABLE_MLFLOW_INTEGRATION", "TENSORBOARD_LOGGING_DIR")
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama")
 
 
 @pytest.fixture

@@ -22,7 +22,6 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("trl")
 pytest.importorskip("peft")
 
-from tools.finetune.tiny import build_tiny_model  # noqa: E402
 from tools.finetune.train import main, run  # noqa: E402
 from tools.finetune.train_config import plan_schedule  # noqa: E402
 
@@ -33,12 +32,6 @@ PROGRESS_KEYS = {"time", "step", "total", "epoch", "loss", "eval_loss", "lr", "t
 SUMMARY_KEYS = {"status", "speed", "steps", "total_steps", "final_loss", "eval_loss", "train_seconds", "tokens_per_s",
                 "peak_gpu_mem_gb", "trainable_params", "total_params", "error", "artifacts", "gpus", "global_batch",
                 "engine", "evaluation", "tracking"}
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    """One tiny random Llama + tokenizer for the whole file."""
-    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama")
 
 
 def make_run(root: Path, model: Path, *, rows: int = 40, eval_rows: int = 4, **spec) -> Path:

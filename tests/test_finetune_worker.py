@@ -29,17 +29,11 @@ from agent.settings import Settings  # noqa: E402
 from bots.jobs_commands import add_jobs_parsers, cmd_jobs  # noqa: E402
 from memory.jobs import JobStore, pid_alive  # noqa: E402
 from tools.finetune.backends import LocalBackend  # noqa: E402
-from tools.finetune.tiny import build_tiny_model  # noqa: E402
 from tools.finetune.worker import Worker  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is deprecated and will be removed in v6:FutureWarning")
 ROOT = Path(__file__).resolve().parents[1]
 FAST = {"poll_s": 0.05, "heartbeat_s": 0.2}
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama")
 
 
 @pytest.fixture
