@@ -221,7 +221,7 @@ def test_the_switch_says_why_it_does_not_apply():
 def test_the_row_collator_keeps_packed_examples_as_rows_of_max_seq_len():
     from tools.finetune.row_packing import row_collator
 
-    collate = row_collator(pad_token_id=0, max_seq_len=8)
+    collate = row_collator(pad_token_id=0, max_seq_len=8, fixed_length=True)
     out = collate([{"input_ids": [5, 6, 7, 8, 9], "labels": [-100, 6, 7, 8, 9], "seq_lengths": [2, 3]},
                    {"input_ids": [3, 4, 5], "labels": [3, 4, 5], "seq_lengths": [3]}])
     assert set(out) == {"input_ids", "labels", "position_ids"}                 # no mask: the model builds one
@@ -229,5 +229,11 @@ def test_the_row_collator_keeps_packed_examples_as_rows_of_max_seq_len():
     assert out["position_ids"].tolist() == [[0, 1, 0, 1, 2, 0, 0, 0], [0, 1, 2, 0, 0, 0, 0, 0]]
     assert out["labels"].tolist() == [[-100, 6, -100, 8, 9, -100, -100, -100],
                                       [-100, 4, 5, -100, -100, -100, -100, -100]]
-    plain = row_collator(pad_token_id=0, max_seq_len=4)([{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}])
+    plain = row_collator(pad_token_id=0, max_seq_len=4, fixed_length=True)(
+        [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}])
     assert plain["position_ids"].tolist() == [[0, 1, 2, 0]] and plain["labels"].tolist() == [[-100, 2, 3, -100]]
+    # without fixed_length (packing without graphs) a batch is as long as its longest row, not max_seq_len
+    short = row_collator(pad_token_id=0, max_seq_len=4096)(
+        [{"input_ids": [5, 6, 7, 8, 9], "labels": [5, 6, 7, 8, 9], "seq_lengths": [2, 3]},
+         {"input_ids": [3, 4], "labels": [3, 4], "seq_lengths": [2]}])
+    assert short["input_ids"].shape == (2, 5) and short["position_ids"].tolist() == [[0, 1, 0, 1, 2], [0, 1, 0, 0, 0]]

@@ -198,12 +198,12 @@ def _train(paths: RunPaths, resume: bool, cancel: CancelFlag, facts: _Facts) -> 
     trainer.remove_callback(PrinterCallback)  # progress.jsonl and train.log replace the printed dicts
     graphs = isinstance(job.speed, Speedups) and job.speed.cuda_graphs and "cuda_graphs" not in job.speed.skipped
     if (spec.packing or graphs) and not unsloth:
-        # packed examples as rows of max_seq_len instead of trl's one flattened row (which SDPA attends as one
-        # sequence under a mask: measured 4× slower at 8 × 2048); one batch shape for graphed layers. trl's
+        # packed examples as rows instead of trl's one flattened row (which SDPA attends as one sequence under a
+        # mask: measured 4× slower at 8 × 2048); rows of max_seq_len, one batch shape, for graphed layers. trl's
         # constructor refuses a custom collator with packing, so it is set here, before any batch is drawn.
         from tools.finetune.row_packing import row_collator
 
-        trainer.data_collator = row_collator(tokenizer.pad_token_id, spec.max_seq_len)
+        trainer.data_collator = row_collator(tokenizer.pad_token_id, spec.max_seq_len, fixed_length=graphs)
     facts.trainer, facts.progress = trainer, progress
     if len(trainer.train_dataset) == 0:
         raise TrainError(f"no training row has a completion token left within max_seq_len={spec.max_seq_len} "
