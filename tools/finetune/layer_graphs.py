@@ -24,6 +24,7 @@ measured no faster yet); bench variants ``fast_graphs``, ``fast_rows_graphs``.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from functools import partial
 
 log = logging.getLogger("stackwise.train")
@@ -137,8 +138,9 @@ def restore(model) -> int:
 
 
 def _autocast_like_now():
-    """A context with the autocast state of the caller (the Trainer's mixed precision wraps the forward in one),
-    without its cast cache — a graph must not capture cached casts."""
+    """A context with the autocast state of the caller (when :func:`capture` is called inside one; the
+    Trainer's first-step hook runs before accelerate's autocast wrapper, so there it is none), without its cast
+    cache — a graph must not capture cached casts."""
     import contextlib
 
     import torch
@@ -225,3 +227,39 @@ def capture_on_first_step(model, *, accumulating: bool = False, with_mask: bool 
 
     handle = model.register_forward_pre_hook(first_step, with_kwargs=True)
     return handle
+
+
+@dataclass
+class Graphing:
+    """What :func:`callback` set up on a model (``model`` None: nothing, for ``reason``)."""
+
+    model: object = None
+    reason: str | None = None
+
+    def __len__(self) -> int:
+        return int(self.model is not None)
+
+
+def callback(speed, *, lora_dropout: float, accumulating: bool):
+    """A Trainer callback that graphs the decoder layers at the first training step (:func:`capture_on_first_step`)
+    and gives them their own forward back as training ends; ``speed`` records it as applied, or why not
+    (:func:`why_not`, or a capture that failed)."""
+    from tools.finetune.speed import switch_callback
+
+    def failed(exc: Exception) -> None:
+        speed.skipped["cuda_graphs"] = f"capture failed ({type(exc).__name__}: {str(exc)[:200]})"
+        if "cuda_graphs" in speed.applied:
+            speed.applied.remove("cuda_graphs")
+
+    def enable(model) -> Graphing:
+        reason = why_not(model, lora_dropout=lora_dropout, device_seeds=True)
+        if reason:
+            return Graphing(reason=reason)
+        capture_on_first_step(model, accumulating=accumulating, failed=failed)
+        return Graphing(model=model)
+
+    def give_back(state: Graphing | None) -> None:
+        if state is not None and state.model is not None:
+            restore(state.model)
+
+    return switch_callback(speed, "cuda_graphs", enable, give_back, lambda state: state.reason)

@@ -217,41 +217,6 @@ def graphs_wanted(speed: Speedups, method: str, *, cuda: bool) -> bool:
     return "cuda_graphs" not in speed.skipped
 
 
-def graphs_callback(speed: Speedups, *, lora_dropout: float, accumulating: bool):
-    """The Trainer callback that graphs the decoder layers at the first training step
-    (:func:`tools.finetune.layer_graphs.capture_on_first_step`) and gives them their own forward back at the end;
-    ``speed`` records it as applied, or why not (checkpointing, a failed capture)."""
-    from transformers import TrainerCallback
-
-    from tools.finetune import layer_graphs
-
-    def failed(exc: Exception) -> None:
-        speed.skipped["cuda_graphs"] = f"capture failed ({type(exc).__name__}: {str(exc)[:200]})"
-        if "cuda_graphs" in speed.applied:
-            speed.applied.remove("cuda_graphs")
-
-    class GraphsCallback(TrainerCallback):
-        model = None
-
-        def on_train_begin(self, args, state, control, model=None, **kwargs):
-            if model is None or self.model is not None:
-                return
-            reason = layer_graphs.why_not(model, lora_dropout=lora_dropout, device_seeds=True)
-            if reason:
-                speed.skipped["cuda_graphs"] = reason
-                return
-            self.model = model
-            layer_graphs.capture_on_first_step(model, accumulating=accumulating, failed=failed)
-            speed.applied.append("cuda_graphs")
-
-        def on_train_end(self, args, state, control, **kwargs):
-            if self.model is not None:
-                layer_graphs.restore(self.model)
-                self.model = None
-
-    return GraphsCallback()
-
-
 def training_callbacks(speed: Speedups, method: str, *, cuda: bool, lora_dropout: float = 0.0,
                        accumulating: bool = False) -> list:
     """The Trainer callbacks of the switches that change the model as training starts (FP8, the fused LoRA
@@ -259,7 +224,9 @@ def training_callbacks(speed: Speedups, method: str, *, cuda: bool, lora_dropout
     their order does not matter)."""
     found = [fp8_callback(speed, method, cuda=cuda), fused_lora_callback(speed, method)]
     if speed.cuda_graphs and graphs_wanted(speed, method, cuda=cuda):
-        found.append(graphs_callback(speed, lora_dropout=lora_dropout, accumulating=accumulating))
+        from tools.finetune import layer_graphs
+
+        found.append(layer_graphs.callback(speed, lora_dropout=lora_dropout, accumulating=accumulating))
     return [callback for callback in found if callback is not None]
 
 

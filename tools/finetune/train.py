@@ -183,7 +183,7 @@ def _train(paths: RunPaths, resume: bool, cancel: CancelFlag, facts: _Facts) -> 
     callbacks = [progress, tracking]
     if job.gradient_checkpointing and job.checkpoint_every > 1 and not unsloth and not fsdp_on(job):
         callbacks.append(PartialCheckpointing(job.checkpoint_every).callback())   # only the layers memory needs
-    if isinstance(job.speed, Speedups) and not unsloth:   # FP8 (opt-in), the fused LoRA layer (GPU default)
+    if isinstance(job.speed, Speedups) and not unsloth:   # FP8, the fused LoRA layer (GPU default), CUDA graphs
         callbacks += training_callbacks(job.speed, spec.method, cuda=device.cuda, lora_dropout=spec.lora_dropout,
                                         accumulating=spec.grad_accum > 1)
     trainer = SFTTrainer(
