@@ -61,6 +61,80 @@ def test_the_same_loss_and_gradients_as_peft(tiny):
     assert abs(loss_and_grads(model)[0] - ref_loss) < 1e-6 * abs(ref_loss)
 
 
+def saved_widths(model, width: int) -> int:
+    """How many distinct activations of ``width`` features (one row per token) one training step keeps for its
+    backward."""
+    kept: set = set()
+    tokens = batch()["input_ids"].numel()
+
+    def pack(t):
+        if t.numel() == tokens * width:
+            kept.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss_and_grads(model)
+    return len(kept)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_recomputed_mlp_gives_the_same_step_and_keeps_less(tiny, dropout):
+    """recompute_mlp: the down projection's input silu(gate) · up is computed again in the backward instead of
+    kept. The same loss and gradients as the fused layers alone (the same dropout seeds) and as peft's without
+    dropout; per decoder layer two intermediate-width tensors kept (gate, up) instead of four; restore undoes
+    it."""
+    model = set_dropout(tiny_lora_model(tiny), dropout)
+    inter = model.config.intermediate_size
+    torch.manual_seed(4)
+    ref_loss, ref_grads, ref_dx = loss_and_grads(model)
+    plain_kept = saved_widths(model, inter)
+    state = fused_lora.enable(model)
+    torch.manual_seed(4)
+    fused = loss_and_grads(model)
+    fused_kept = saved_widths(model, inter)
+    fused_lora.restore(state)
+    state = fused_lora.enable(model, recompute_mlp=True)
+    assert len(state) == 14 and len(state.mlps) == 2
+    assert all(type(m).__name__ == "LlamaMLP" for m in state.mlps)
+    torch.manual_seed(4)
+    loss, grads, dx = loss_and_grads(model)
+    assert abs(loss - fused[0]) <= 1e-6 * abs(loss) and close(dx, fused[2])
+    assert all(close(grads[n], fused[1][n]) for n in grads) and len(grads) == 28
+    if not dropout:
+        assert abs(loss - ref_loss) < 1e-5 * abs(ref_loss) and close(dx, ref_dx)
+        assert all(close(grads[n], ref_grads[n]) for n in grads)
+    assert saved_widths(model, inter) == 2 * 2 < fused_kept <= plain_kept
+    fused_lora.restore(state)
+    assert not state.mlps and all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_recomputed_mlp_follows_disabled_adapters_and_leaves_other_mlps(tiny):
+    """A disabled adapter inside a recomputing MLP falls back to peft's layer; an MLP whose down projection is
+    not adapted, or that is not a SwiGLU MLP of transformers, keeps its own forward."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+    model = tiny_lora_model(tiny)
+    fused_lora.enable(model, recompute_mlp=True)
+    model.eval()
+    with torch.no_grad(), model.disable_adapter():
+        assert close(model(**batch()).logits, plain(**batch()).logits)
+    base = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+    attention_only = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    state = fused_lora.enable(attention_only, recompute_mlp=True)
+    assert len(state) == 4 and not state.mlps
+
+    class OwnMLP(torch.nn.Module):            # the right names, but a forward of its own
+        def __init__(self, mlp):
+            super().__init__()
+            self.gate_proj, self.up_proj, self.down_proj, self.config = (mlp.gate_proj, mlp.up_proj,
+                                                                         mlp.down_proj, mlp.config)
+
+    assert fused_lora._swiglu_mlp(plain.model.layers[0].mlp) and not fused_lora._swiglu_mlp(
+        OwnMLP(plain.model.layers[0].mlp))
+
+
 def test_the_fused_function_really_runs(tiny, monkeypatch):
     model = tiny_lora_model(tiny)
     fused_lora.enable(model)

@@ -26,7 +26,10 @@ bitsandbytes as a user's model would). The training step is the same in every va
                 decoder layer replayed as a CUDA graph (tools/finetune/layer_graphs.py: the host's launch cost
                 gone; dropout seeds read on the device; full-length rows); fast_rows / fast_rows_graphs
                 (with --lengths real): packed as --batch rows of --seq tokens (tools/finetune/row_packing.py),
-                without / with the graphs
+                without / with the graphs; fast_mlp: fast with each SwiGLU MLP computing the down
+                projection's input again in the backward instead of keeping it (fused_lora recompute_mlp),
+                fast_mlp_ckpt7 / fast_ckpt7: with / without it, every 7th layer checkpointed; fast_cudnn: fast with
+                SDPA's cuDNN attention first (then flash, efficient, math)
     packed      (with --lengths real) the same rows packed padding-free instead of padded batches
 
 ``--lengths real`` trains rows of chain-of-thought-like lengths (log-normal, median 700 tokens, cut to --seq)
@@ -84,6 +87,10 @@ VARIANTS = {
     "fast_graphs": {"liger": True, "fused_lora": True, "graphs": True},   # full-length rows
     "fast_rows": {"liger": True, "fused_lora": True, "packed": "rows"},   # --lengths real: packed rows of --seq
     "fast_rows_graphs": {"liger": True, "fused_lora": True, "packed": "rows", "graphs": True},
+    "fast_mlp": {"liger": True, "fused_lora": True, "recompute_mlp": True},
+    "fast_mlp_ckpt7": {"liger": True, "fused_lora": True, "recompute_mlp": True, "gc": True, "every": 7},
+    "fast_ckpt7": {"liger": True, "fused_lora": True, "gc": True, "every": 7},
+    "fast_cudnn": {"liger": True, "fused_lora": True, "sdpa": "cudnn"},
     "fused_fp8": {"fused_lora": True, "fp8": True},
     "liger_packed": {"liger": True, "packed": True},
     "unsloth": {"unsloth": True},                 # unsloth's FastLanguageModel (when installed; needs a GPU)
@@ -135,7 +142,8 @@ def apply_variant(model, options: dict, speed, *, cuda: bool, offload: bool):
 
         if len(fused_lora.enable(model, keep_dropped=bool(options.get("keep_dropped")),
                                  kernels=bool(options.get("kernels", True)),
-                                 device_seeds=bool(options.get("graphs")))):
+                                 device_seeds=bool(options.get("graphs")),
+                                 recompute_mlp=bool(options.get("recompute_mlp")))):
             speed.applied.append("fused_lora")
         else:
             speed.skipped["fused_lora"] = "no LoRA layer it can take"
@@ -289,6 +297,12 @@ def run_one(shape: str, method: str, variant: str, args: argparse.Namespace) -> 
 
     options = VARIANTS[variant]
     cuda = torch.cuda.is_available()      # a CPU dry run of the script when there is no GPU
+    if options.get("sdpa") == "cudnn" and cuda:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                 SDPBackend.MATH]
+        sdpa_kernel(order, set_priority=True).__enter__()      # for the whole (one-variant) process
     folder = Path(args.work) / f"model-{shape}"
     config = AutoConfig.from_pretrained(folder).to_dict()
     speed = Speedups(liger=options.get("liger", False), fused_adamw=options.get("fused_adamw", False),

@@ -90,6 +90,107 @@ def _base_input_grad(base, grad):
     return grad @ base._parameters["weight"]
 
 
+def _lora_forward(ctx, rows, lora_a, lora_b, base, scaling: float, p: float, dtype, keep_dropped: bool,
+                  kernels: bool, device_seed):
+    """The forward of :class:`LoRALinear` on 2-D ``rows`` (already in ``dtype``): the output rows and the tensors
+    its backward needs (the input or the dropped-out input, ``h``, and the adapter as used); sets ``ctx``'s
+    fields for :func:`_lora_backward`."""
+    import torch
+
+    # the seed comes from the global generator, so a recomputed forward (checkpointing) draws it again; or it is
+    # read on the device from a counter advanced once per model forward (DeviceSeeds)
+    seed = None if p <= 0 else device_seed or int(torch.randint(0, 2**31 - 1, (), device="cpu"))
+    # with dropout on a GPU, the Triton kernels that apply the mask inside the thin matmuls: they read A in fp32
+    # and take the scaling as a factor, so only B is cast and nothing is scaled on its own
+    ctx.kernels = (kernels and seed is not None and lora_a.is_contiguous()
+                   and lora_kernels.usable(rows, lora_a.shape[0]))
+    dropped = None
+    if ctx.kernels:
+        rows = rows.contiguous()
+        a, b = lora_a, lora_b.to(dtype)                 # b unscaled: s is applied by alpha / factor
+        h = lora_kernels.thin_forward(rows, a, p, seed)
+    else:
+        a, b = lora_a.to(dtype), (lora_b * scaling).to(dtype)
+        dropped = _dropped(rows, p, seed)
+        h = dropped @ a.t()
+    out = _base_matmul(base, rows)
+    out.addmm_(h, b.t(), alpha=scaling if ctx.kernels else 1)
+    bias = base._parameters.get("bias")
+    if bias is not None:
+        out += bias if bias.dtype == dtype else bias.to(dtype)
+    ctx.base, ctx.scaling, ctx.p, ctx.seed = base, scaling, p, seed
+    # A's gradient needs the dropped-out input: drawn again (no memory), or kept (one kernel pass fewer)
+    ctx.kept = keep_dropped and dropped is not None and seed is not None
+    return out, (dropped if ctx.kept else rows, h, a, b)
+
+
+def _lora_backward(ctx, saved, h, a, b, g, needs_input: bool, needs_a: bool, needs_b: bool):
+    """The backward of :class:`LoRALinear` on 2-D gradient rows ``g``: ``(dx rows, dA, dB)`` (``None`` where not
+    needed). ``saved``: the input rows (or the dropped-out ones, ``ctx.kept``); ``a``, ``b``: the adapter as the
+    forward used it."""
+    import torch
+
+    g = g if g.dtype == saved.dtype else g.to(saved.dtype)
+    s, kernels = ctx.scaling, ctx.kernels
+    gh = g @ b                                  # (M, r): the gradient reaching h (÷ s on the kernel path)
+    grad_a = grad_b = dx = None
+    # the adapter gradients go back in the training dtype or fp32; autograd casts them to the parameters'
+    if needs_a and kernels:
+        grad_a = lora_kernels.thin_grad_a(saved, gh, ctx.p, ctx.seed, factor=s)
+    elif needs_a:
+        grad_a = gh.t() @ (saved if ctx.kept else _dropped(saved, ctx.p, ctx.seed))
+    if needs_b:
+        grad_b = torch.addmm(h.new_empty((1, 1)), g.t(), h, beta=0, alpha=s)
+    if needs_input:
+        dx = _base_input_grad(ctx.base, g)
+        if kernels and dx.is_contiguous():
+            dx = lora_kernels.masked_accumulate(dx, gh, a, ctx.p, ctx.seed, factor=s)
+        elif kernels:
+            dx = _dropped((gh @ a.to(gh.dtype)).mul_(s), ctx.p, ctx.seed, accumulate=dx)
+        elif ctx.seed is None:
+            dx.addmm_(gh, a)
+        else:
+            dx = _dropped(gh @ a, ctx.p, ctx.seed, accumulate=dx)
+    return dx, grad_a, grad_b
+
+
+def _swiglu(gate, up):
+    """``silu(gate) · up`` as Liger's kernel computes it (silu in fp32, cast, then the product in the input dtype):
+    its Triton kernel on a GPU when Liger is installed, PyTorch's ops otherwise."""
+    import torch
+
+    if gate.is_cuda and _liger_swiglu() is not None:
+        return _liger_swiglu()[0](gate, up)[2]
+    return torch.nn.functional.silu(gate.float()).to(up.dtype) * up
+
+
+def _swiglu_backward(gate, up, grad):
+    """The gradients of :func:`_swiglu` for ``gate`` and ``up`` (on a GPU with Liger: written into ``gate`` and
+    ``up``, which the caller no longer needs)."""
+    import torch
+
+    if gate.is_cuda and _liger_swiglu() is not None:
+        return _liger_swiglu()[1](gate, up, grad)
+    g32, sig = gate.float(), torch.sigmoid(gate.float())
+    silu = g32 * sig
+    d_gate = grad.float() * up.float() * (sig + silu * (1 - sig))
+    return d_gate.to(gate.dtype), (grad.float() * silu).to(up.dtype)
+
+
+_LIGER_SWIGLU: list = []
+
+
+def _liger_swiglu():
+    """Liger's SwiGLU forward and backward kernels, or ``None`` when liger-kernel is not installed."""
+    if not _LIGER_SWIGLU:
+        try:
+            from liger_kernel.ops.swiglu import swiglu_backward, swiglu_forward
+            _LIGER_SWIGLU.append((swiglu_forward, swiglu_backward))
+        except Exception:           # not installed, or does not load (no Triton / no GPU)
+            _LIGER_SWIGLU.append(None)
+    return _LIGER_SWIGLU[0]
+
+
 def _make_function():
     import torch
 
@@ -101,65 +202,55 @@ def _make_function():
                     kernels: bool = False, device_seed: tuple | None = None):
             rows = x.reshape(-1, x.shape[-1])
             rows = rows if rows.dtype == dtype else rows.to(dtype)
-            # the seed comes from the global generator, so a recomputed forward (checkpointing) draws it again;
-            # or it is read on the device from a counter advanced once per model forward (DeviceSeeds)
-            seed = None if p <= 0 else device_seed or int(torch.randint(0, 2**31 - 1, (), device="cpu"))
-            # with dropout on a GPU, the Triton kernels that apply the mask inside the thin matmuls: they read A
-            # in fp32 and take the scaling as a factor, so only B is cast and nothing is scaled on its own
-            ctx.kernels = (kernels and seed is not None and lora_a.is_contiguous()
-                           and lora_kernels.usable(rows, lora_a.shape[0]))
-            dropped = None
-            if ctx.kernels:
-                rows = rows.contiguous()
-                a, b = lora_a, lora_b.to(dtype)                 # b unscaled: s is applied by alpha / factor
-                h = lora_kernels.thin_forward(rows, a, p, seed)
-            else:
-                a, b = lora_a.to(dtype), (lora_b * scaling).to(dtype)
-                dropped = _dropped(rows, p, seed)
-                h = dropped @ a.t()
-            out = _base_matmul(base, rows)
-            out.addmm_(h, b.t(), alpha=scaling if ctx.kernels else 1)
-            bias = base._parameters.get("bias")
-            if bias is not None:
-                out += bias if bias.dtype == dtype else bias.to(dtype)
-            ctx.base, ctx.scaling, ctx.p, ctx.seed, ctx.shape = base, scaling, p, seed, x.shape
-            ctx.x_dtype = x.dtype
-            # A's gradient needs the dropped-out input: drawn again (no memory), or kept (one kernel pass fewer)
-            ctx.kept = keep_dropped and dropped is not None and seed is not None
-            ctx.save_for_backward(dropped if ctx.kept else rows, h, a, b)
+            out, saved = _lora_forward(ctx, rows, lora_a, lora_b, base, scaling, p, dtype, keep_dropped, kernels,
+                                       device_seed)
+            ctx.shape, ctx.x_dtype = x.shape, x.dtype
+            ctx.save_for_backward(*saved)
             return out.reshape(*x.shape[:-1], out.shape[-1])
 
         @staticmethod
         def backward(ctx, grad):
-            # saved: the input rows, or the dropped-out ones; a, b: the adapter as the forward used it
             saved, h, a, b = ctx.saved_tensors
-            g = grad.reshape(-1, grad.shape[-1])
-            g = g if g.dtype == saved.dtype else g.to(saved.dtype)
-            s, kernels = ctx.scaling, ctx.kernels
-            gh = g @ b                                  # (M, r): the gradient reaching h (÷ s on the kernel path)
-            grad_a = grad_b = dx = None
-            # the adapter gradients go back in the training dtype or fp32; autograd casts them to the parameters'
-            if ctx.needs_input_grad[1] and kernels:
-                grad_a = lora_kernels.thin_grad_a(saved, gh, ctx.p, ctx.seed, factor=s)
-            elif ctx.needs_input_grad[1]:
-                grad_a = gh.t() @ (saved if ctx.kept else _dropped(saved, ctx.p, ctx.seed))
-            if ctx.needs_input_grad[2]:
-                grad_b = torch.addmm(h.new_empty((1, 1)), g.t(), h, beta=0, alpha=s)
-            if ctx.needs_input_grad[0]:
-                dx = _base_input_grad(ctx.base, g)
-                if kernels and dx.is_contiguous():
-                    dx = lora_kernels.masked_accumulate(dx, gh, a, ctx.p, ctx.seed, factor=s)
-                elif kernels:
-                    dx = _dropped((gh @ a.to(gh.dtype)).mul_(s), ctx.p, ctx.seed, accumulate=dx)
-                elif ctx.seed is None:
-                    dx.addmm_(gh, a)
-                else:
-                    dx = _dropped(gh @ a, ctx.p, ctx.seed, accumulate=dx)
+            dx, grad_a, grad_b = _lora_backward(ctx, saved, h, a, b, grad.reshape(-1, grad.shape[-1]),
+                                                *ctx.needs_input_grad[:3])
+            if dx is not None:
                 dx = dx.reshape(ctx.shape)
                 dx = dx if dx.dtype == ctx.x_dtype else dx.to(ctx.x_dtype)
             return dx, grad_a, grad_b, None, None, None, None, None, None, None
 
-    return LoRALinear
+    class SwiGLUDown(torch.autograd.Function):
+        """``down(silu(gate) · up)`` with ``down`` a LoRA layer as in :class:`LoRALinear`, keeping only ``gate``
+        and ``up`` for the backward (which the SwiGLU's own backward keeps anyway) and computing the product
+        again there, instead of also keeping it as the down projection's input: the widest activation of a
+        decoder layer (intermediate size, ~5× the hidden size) not stored, for one elementwise pass."""
+
+        @staticmethod
+        def forward(ctx, gate, up, lora_a, lora_b, base, scaling: float, p: float, dtype, kernels: bool = False,
+                    device_seed: tuple | None = None):
+            product = _swiglu(gate, up)
+            rows = product.reshape(-1, product.shape[-1])
+            rows = rows if rows.dtype == dtype else rows.to(dtype)
+            out, (_, h, a, b) = _lora_forward(ctx, rows, lora_a, lora_b, base, scaling, p, dtype, False, kernels,
+                                              device_seed)
+            ctx.save_for_backward(gate, up, h, a, b)
+            return out.reshape(*gate.shape[:-1], out.shape[-1])
+
+        @staticmethod
+        def backward(ctx, grad):
+            gate, up, h, a, b = ctx.saved_tensors
+            product = _swiglu(gate, up)
+            rows = product.reshape(-1, product.shape[-1])
+            rows = rows if rows.dtype == h.dtype else rows.to(h.dtype)
+            needs = ctx.needs_input_grad
+            d_rows, grad_a, grad_b = _lora_backward(ctx, rows, h, a, b, grad.reshape(-1, grad.shape[-1]),
+                                                    needs[0] or needs[1], needs[2], needs[3])
+            d_gate = d_up = None
+            if d_rows is not None:
+                del product, rows
+                d_gate, d_up = _swiglu_backward(gate, up, d_rows.reshape(gate.shape).to(gate.dtype))
+            return d_gate, d_up, grad_a, grad_b, None, None, None, None, None, None
+
+    return LoRALinear, SwiGLUDown
 
 
 _FUNCTION = None
@@ -190,18 +281,54 @@ def _why_not(module) -> str | None:
     return None
 
 
-def _forward(module, x, *args, **kwargs):
+def _functions():
     global _FUNCTION
-    active, base, lora_a, lora_b, scaling, p, keep, kernels, seed = module.__dict__["_stackwise_fused"]
-    # peft's own path for what this does not cover: mixed-adapter batches, merged or disabled adapters, another
-    # adapter made active since (the plain attributes behind peft's properties, read directly)
-    if args or kwargs or module._disable_adapters or module.merged_adapters or module._active_adapter != active:
-        return type(module).forward(module, x, *args, **kwargs)
     if _FUNCTION is None:
         _FUNCTION = _make_function()
+    return _FUNCTION
+
+
+def _fused_args(module, x, args=(), kwargs=None):
+    """The arguments after ``x`` of the fused function for the LoRA layer ``module``, or ``None`` where peft's
+    own path must run: mixed-adapter batches, merged or disabled adapters, another adapter made active since
+    (the plain attributes behind peft's properties, read directly)."""
+    active, base, lora_a, lora_b, scaling, p, keep, kernels, seed = module.__dict__["_stackwise_fused"]
+    if args or kwargs or module._disable_adapters or module.merged_adapters or module._active_adapter != active:
+        return None
     dtype = base.__dict__.get("_stackwise_dtype") or base._parameters["weight"].dtype
-    return _FUNCTION.apply(x, lora_a, lora_b, base, scaling, p if module.training else 0.0, dtype, keep, kernels,
-                           seed)
+    return lora_a, lora_b, base, scaling, p if module.training else 0.0, dtype, keep, kernels, seed
+
+
+def _forward(module, x, *args, **kwargs):
+    fused = _fused_args(module, x, args, kwargs)
+    if fused is None:
+        return type(module).forward(module, x, *args, **kwargs)
+    return _functions()[0].apply(x, *fused)
+
+
+def _mlp_forward(mlp, x):
+    """A SwiGLU MLP whose down projection is fused: :class:`SwiGLUDown` after the gate and up projections."""
+    gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+    down = mlp.down_proj
+    fused = _fused_args(down, x) if "_stackwise_fused" in down.__dict__ else None
+    if fused is None:
+        return down(_swiglu(gate, up))
+    lora_a, lora_b, base, scaling, p, dtype, _keep, kernels, seed = fused
+    return _functions()[1].apply(gate.contiguous(), up.contiguous(), lora_a, lora_b, base, scaling, p, dtype,
+                                 kernels, seed)
+
+
+def _swiglu_mlp(module) -> bool:
+    """Whether ``module`` is a SwiGLU MLP of transformers or Liger (``down(silu(gate(x)) · up(x))``), whose
+    forward :func:`_mlp_forward` can take."""
+    if not all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj")):
+        return False
+    if not type(module).__module__.startswith(("transformers.models.", "liger_kernel.")):
+        return False
+    config = getattr(module, "config", None)
+    act = getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", None)
+    act_fn = getattr(module, "act_fn", None)
+    return act in ("silu", "swish") and (act_fn is None or type(act_fn).__name__ in ("SiLUActivation", "SiLU"))
 
 
 class DeviceSeeds:
@@ -234,12 +361,14 @@ class FusedLoRA:
     skipped: dict = field(default_factory=dict)        # reason → count
     seeds: DeviceSeeds | None = None                   # with device_seeds: the counter and its model hook
     hook: object = None
+    mlps: list = field(default_factory=list)           # with recompute_mlp: the SwiGLU MLPs running SwiGLUDown
 
     def __len__(self) -> int:
         return len(self.layers)
 
 
-def enable(model, *, keep_dropped: bool = False, kernels: bool = True, device_seeds: bool = False) -> FusedLoRA:
+def enable(model, *, keep_dropped: bool = False, kernels: bool = True, device_seeds: bool = False,
+           recompute_mlp: bool = False) -> FusedLoRA:
     """Route every LoRA linear layer that :class:`LoRALinear` can take through it; :func:`restore` undoes it.
     ``kernels`` (default): with LoRA dropout on a GPU, the Triton kernels of :mod:`tools.finetune.lora_kernels`
     (the mask applied inside the thin matmuls; fewer launches and passes — bench variant ``fast`` vs
@@ -247,7 +376,9 @@ def enable(model, *, keep_dropped: bool = False, kernels: bool = True, device_se
     ``keep_dropped`` (flat path only): keep each layer's dropped-out input for the backward (memory: 2 B per
     input feature and token) instead of drawing it again — bench variant ``fast_keep``, not used by the
     trainer. ``device_seeds``: the dropout seeds read on the device from a counter the model's forward advances
-    (:class:`DeviceSeeds`; what CUDA graphs of the layers need), instead of drawn on the host per call."""
+    (:class:`DeviceSeeds`; what CUDA graphs of the layers need), instead of drawn on the host per call.
+    ``recompute_mlp``: every SwiGLU MLP whose down projection is fused runs :class:`SwiGLUDown` (the down
+    projection's input, ``silu(gate) · up``, computed again in the backward instead of kept)."""
     from peft.tuners.lora import LoraLayer
 
     state = FusedLoRA()
@@ -270,7 +401,14 @@ def enable(model, *, keep_dropped: bool = False, kernels: bool = True, device_se
         for index, module in enumerate(state.layers):
             module._stackwise_fused = (*module._stackwise_fused[:-1], state.seeds.of(index))
         state.hook = model.register_forward_pre_hook(state.seeds.advance)
-    log.info("fused LoRA: %d adapted layers in one autograd function each%s", len(state.layers),
+    if recompute_mlp:
+        fused = {id(module) for module in state.layers}
+        for module in model.modules():
+            if _swiglu_mlp(module) and id(module.down_proj) in fused:
+                module.forward = partial(_mlp_forward, module)
+                state.mlps.append(module)
+    log.info("fused LoRA: %d adapted layers in one autograd function each%s%s", len(state.layers),
+             f"; {len(state.mlps)} MLPs recompute the down projection's input" if recompute_mlp else "",
              "; peft's forward kept for " + ", ".join(f"{n} ({why})" for why, n in state.skipped.items())
              if state.skipped else "")
     return state
@@ -283,7 +421,10 @@ def restore(state: FusedLoRA | None) -> None:
     for module in state.layers:
         module.__dict__.pop("forward", None)
         module.__dict__.pop("_stackwise_fused", None)
+    for module in state.mlps:
+        module.__dict__.pop("forward", None)
     state.layers.clear()
+    state.mlps.clear()
     if state.hook is not None:
         state.hook.remove()
         state.hook = state.seeds = None
