@@ -309,16 +309,18 @@ def test_a_run_with_the_fused_layer_follows_the_plain_run(tiny, tmp_path):
     from peft.tuners.lora import LoraLayer
 
     losses = {}
-    for name, speed in (("plain", {}), ("fused", {"fused_lora": True})):
+    runs = (("plain", {}), ("fused", {"fused_lora": True}), ("recompute", {"fused_lora": True, "recompute_mlp": True}))
+    for name, speed in runs:
         outcome, summary, losses[name] = speed_run(tmp_path / name, tiny, speed)
-        assert summary["speed"]["fused_lora"] == (name == "fused")
-        assert ("fused_lora" in summary["speed"]["applied"]) == (name == "fused")
-        lora_layers = [m for m in outcome.model.modules() if isinstance(m, LoraLayer)]
-        assert len(lora_layers) == 14 and all("forward" not in m.__dict__ for m in lora_layers)
-    assert len(losses["fused"]) == len(losses["plain"]) >= 12
+        assert summary["speed"]["fused_lora"] == (name != "plain")
+        assert ("fused_lora" in summary["speed"]["applied"]) == (name != "plain")
+        assert ("recompute_mlp" in summary["speed"]["applied"]) == (name == "recompute")
+        changed = [m for m in outcome.model.modules() if isinstance(m, LoraLayer) or hasattr(m, "down_proj")]
+        assert len(changed) == 14 + 2 and all("forward" not in m.__dict__ for m in changed)   # restored before saving
+    assert len(losses["fused"]) == len(losses["plain"]) == len(losses["recompute"]) >= 12
     assert losses["fused"][-1] < losses["fused"][0]
-    for fused, plain in zip(losses["fused"], losses["plain"], strict=True):
-        assert abs(fused - plain) <= 1e-4 * abs(plain)
+    for fused, recompute, plain in zip(losses["fused"], losses["recompute"], losses["plain"], strict=True):
+        assert abs(fused - plain) <= 1e-4 * abs(plain) and abs(recompute - plain) <= 1e-4 * abs(plain)
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
@@ -343,6 +345,11 @@ def test_checkpointed_layers_redraw_the_same_dropout(tiny, reentrant):
 
 def test_the_switch_says_why_it_does_not_apply():
     from tools.finetune.speed import Speedups, fused_lora_callback
+
+    speed = Speedups(recompute_mlp=True)
+    assert fused_lora_callback(speed, "lora") is None and "fused_lora" in speed.skipped["recompute_mlp"]
+    speed = Speedups(fused_lora=True, recompute_mlp=True)
+    assert fused_lora_callback(speed, "qlora") is None and "4-bit" in speed.skipped["recompute_mlp"]
 
     for method, reason in (("qlora", "4-bit"), ("full", "no adapters")):
         speed = Speedups(fused_lora=True)

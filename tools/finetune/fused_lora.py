@@ -431,9 +431,18 @@ def restore(state: FusedLoRA | None) -> None:
 
 
 def callback(speed):
-    """A Trainer callback that turns the fused LoRA layers on as training starts and off as it ends;
-    ``speed`` (:class:`~tools.finetune.speed.Speedups`) records whether it applied."""
+    """A Trainer callback that turns the fused LoRA layers on as training starts and off as it ends (with
+    ``speed.recompute_mlp``, the SwiGLU MLPs too); ``speed`` (:class:`~tools.finetune.speed.Speedups`) records
+    whether it applied."""
     from tools.finetune.speed import switch_callback
 
-    return switch_callback(speed, "fused_lora", partial(enable, device_seeds=speed.cuda_graphs), restore,
+    def on(model) -> FusedLoRA:
+        state = enable(model, device_seeds=speed.cuda_graphs, recompute_mlp=speed.recompute_mlp)
+        if speed.recompute_mlp and state.mlps:
+            speed.applied.append("recompute_mlp")
+        elif speed.recompute_mlp:
+            speed.skipped["recompute_mlp"] = "no SwiGLU MLP with a fused down projection"
+        return state
+
+    return switch_callback(speed, "fused_lora", on, restore,
                            lambda state: "no LoRA layer it can take: " + (", ".join(state.skipped) or "none found"))
