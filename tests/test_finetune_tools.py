@@ -183,6 +183,27 @@ def test_error_level_preflight_findings_stop_the_launch(cwd, stackwise_home):
     assert any("CUDA GPU on the worker" in w for w in shown["warnings"]) and "unknown" in shown["VRAM"]
 
 
+def test_a_job_that_fits_by_recomputing_the_mlp_carries_that_into_its_run(capsys, cwd, monkeypatch):
+    """When the preflight makes a job fit by having the MLPs compute their down projection's input again
+    (tools/finetune/preflight.py; the tiny model here never needs it), the queued run's spec.json asks the
+    trainer for it; otherwise the run has no speed options of its own."""
+    from tools.finetune import launch as launcher
+
+    plain = launch(capsys)
+    assert "speed" not in json.loads((Path(plain["run_dir"]) / "spec.json").read_text(encoding="utf-8"))
+    original = launcher.check_job
+
+    def tight(spec, ctx):
+        checked = original(spec, ctx)
+        checked.report["recompute_mlp"] = True
+        return checked
+
+    monkeypatch.setattr(launcher, "check_job", tight)
+    lean = launch(capsys)
+    spec = json.loads((Path(lean["run_dir"]) / "spec.json").read_text(encoding="utf-8"))
+    assert spec["speed"] == {"recompute_mlp": True} and spec["gradient_checkpointing"] is False
+
+
 # ---- status ---------------------------------------------------------------------------------------------
 
 def test_status_of_a_queued_job_and_of_the_latest(capsys, cwd):

@@ -98,7 +98,7 @@ def test_lora_run_learns_and_writes_the_contract_files(tiny, tmp_path):
     assert 0 < summary["trainable_params"] < summary["total_params"]
     assert summary["tokens_per_s"] > 0 and summary["train_seconds"] > 0 and summary["peak_gpu_mem_gb"] is None
     assert summary["speed"] == {"liger": False, "fused_adamw": False, "fp8": False, "compile": False,
-                                "fused_lora": False, "cuda_graphs": False, "applied": [],
+                                "fused_lora": False, "cuda_graphs": False, "recompute_mlp": False, "applied": [],
                                 "skipped": {}}                                         # CPU: no default speed-up
     assert summary["artifacts"] == {"adapter": str(run_dir / "adapter"), "merged": None,
                                     "comparison": str(run_dir / "comparison.json")}

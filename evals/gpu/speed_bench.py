@@ -28,8 +28,8 @@ bitsandbytes as a user's model would). The training step is the same in every va
                 (with --lengths real): packed as --batch rows of --seq tokens (tools/finetune/row_packing.py),
                 without / with the graphs; fast_mlp: fast with each SwiGLU MLP computing the down
                 projection's input again in the backward instead of keeping it (fused_lora recompute_mlp),
-                fast_mlp_ckpt7 / fast_ckpt7: with / without it, every 7th layer checkpointed; fast_cudnn: fast with
-                SDPA's cuDNN attention first (then flash, efficient, math); fast_mlp_cudnn: both
+                fast_mlp_ckpt7 / fast_ckpt7: with / without it, every 7th layer checkpointed; fast_mlp_graphs:
+                with the CUDA graphs too
     packed      (with --lengths real) the same rows packed padding-free instead of padded batches
 
 ``--lengths real`` trains rows of chain-of-thought-like lengths (log-normal, median 700 tokens, cut to --seq)
@@ -90,14 +90,12 @@ VARIANTS = {
     "fast_mlp": {"liger": True, "fused_lora": True, "recompute_mlp": True},
     "fast_mlp_ckpt7": {"liger": True, "fused_lora": True, "recompute_mlp": True, "gc": True, "every": 7},
     "fast_ckpt7": {"liger": True, "fused_lora": True, "gc": True, "every": 7},
-    "fast_cudnn": {"liger": True, "fused_lora": True, "sdpa": "cudnn"},
-    "fast_mlp_cudnn": {"liger": True, "fused_lora": True, "recompute_mlp": True, "sdpa": "cudnn"},
+    "fast_mlp_graphs": {"liger": True, "fused_lora": True, "recompute_mlp": True, "graphs": True},
     "fused_fp8": {"fused_lora": True, "fp8": True},
     "liger_packed": {"liger": True, "packed": True},
     "unsloth": {"unsloth": True},                 # unsloth's FastLanguageModel (when installed; needs a GPU)
     "unsloth_gc": {"unsloth": True, "gc": True},  # ... with its own ("unsloth") gradient checkpointing
 }
-_KEEP: list = []
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -299,13 +297,6 @@ def run_one(shape: str, method: str, variant: str, args: argparse.Namespace) -> 
 
     options = VARIANTS[variant]
     cuda = torch.cuda.is_available()      # a CPU dry run of the script when there is no GPU
-    if options.get("sdpa") == "cudnn" and cuda:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                 SDPBackend.MATH]
-        _KEEP.append(sdpa_kernel(order, set_priority=True))    # kept: a collected context manager restores
-        _KEEP[-1].__enter__()                                   # the old order (for the whole one-variant process)
     folder = Path(args.work) / f"model-{shape}"
     config = AutoConfig.from_pretrained(folder).to_dict()
     speed = Speedups(liger=options.get("liger", False), fused_adamw=options.get("fused_adamw", False),

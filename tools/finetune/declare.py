@@ -79,6 +79,9 @@ def _model_lines(report: dict, zh: bool) -> dict:
                 f" with gradient checkpointing on {kept} of {layers} layers"
         else:
             vram_text += "（开启梯度检查点）" if zh else " with gradient checkpointing"
+    if vram.get("recompute_mlp"):       # the preflight's cheaper saving, before (or with) checkpointing
+        vram_text += "（MLP 在反向传播时重算 down_proj 的输入）" if zh else \
+            ", the MLPs recomputing their down projection's input"
     if gpu:
         fits = ("放得下" if zh else "fits") if report.get("fits") else ("放不下" if zh else "does not fit")
         vram_text += f"，{fits} {gpu.get('name')}（{gpu.get('memory_gb')} GiB）" if zh else \

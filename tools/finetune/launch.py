@@ -216,6 +216,8 @@ def queue_job(spec: FinetuneSpec, ctx: ToolContext) -> dict:
         every = (checked.report.get("vram") or {}).get("checkpoint_every")
         if checked.report["gradient_checkpointing"] and every:   # only every n-th layer: what the memory needs
             run_spec["checkpoint_every"] = every
+        if checked.report.get("recompute_mlp"):   # the MLPs compute their down projection's input again
+            run_spec["speed"] = {"recompute_mlp": True}
         if checked.report.get("fsdp"):       # a full fine-tune too big for one GPU: shard it over the job's GPUs
             run_spec["fsdp"] = True
         run_spec |= checked.spec.model_dump() | spec_fields(checked.report.get("trial"))   # a trial's sample, schedule

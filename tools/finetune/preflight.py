@@ -42,7 +42,11 @@ It fits when the total is ≤ 95 % of the GPU memory. When only a checkpointed e
 checkpointing is turned on for the fewest layers that make it fit (every n-th decoder layer, transformers'
 ``every_n_layers``, n as large as the memory allows): a checkpointed layer keeps k = 4 B per token, the others
 their full k, and each recomputed layer costs 1/L of the full setting's slow-down. The partial setting's memory
-and speed are interpolated between the two measured ends (none, all), not measured yet.
+and speed are interpolated between the two measured ends (none, all), not measured yet. With the fused LoRA layer
+the cheaper saving comes first: ``recompute_mlp`` (``speed.py``; each SwiGLU MLP computes its down projection's
+input again instead of keeping it) takes 2 B per token, layer and intermediate feature off k (7B: k 42 → 31.4;
+measured on the H200 49.1 → 41.3 GiB, formula 48.9 → 40.8; 0.5B 16.2 → 12.8, formula 16.8 → 13.3) for × 0.985 of
+the speed; layers are checkpointed only if that is not enough.
 
 Time estimate = processed tokens / tokens per second: the training tokens (eval not counted) plus the padding each
 batch adds without packing (rows in random order, each batch padded to its longest row; simulated on the token
@@ -78,6 +82,8 @@ K_ACT_BF16, K_ACT_CHECKPOINTED, K_LOGITS, K_LOGITS_CHECKPOINTED = 64, 4, 1, 10
 K_ACT_LIGER = 51          # Liger's fused RMSNorm / SwiGLU / RoPE keep fewer intermediates
 K_LORA_DROPOUT = 12       # LoRA dropout > 0 keeps each adapted layer's dropped-out input for the backward
 K_ACT_FUSED = 42          # fused LoRA layer (+ Liger): no fp32 activation copies, dropout mask redrawn
+K_MLP_RECOMPUTED = 2      # recompute_mlp: bytes per token·layer and intermediate feature not kept (bf16)
+RECOMPUTE_MLP_SPEED = 0.985   # its cost: the product computed again (H200 7B: 0.982–0.989 of the fused speed)
 FUSED_SPEED = ((0.494e9, 1.95), (7.62e9, 1.77))   # (P, × plain baseline) measured with Liger, dropout 0.05
 # Host (Python + kernel launch) time per training step, per decoder layer and per adapted linear layer in it,
 # on the H200 machine's CPU (evals/gpu/host_overhead.py: ~0.65 ms per adapted layer's forward + backward; the
@@ -135,8 +141,12 @@ def count_params(config: dict, method: str, rank: int, targets: list[str] | None
     chosen = list(shapes) if "all-linear" in wanted else [t for t in wanted if t in shapes]
     unknown = [t for t in wanted if t != "all-linear" and t not in shapes]
     lora = layers * sum(rank * (shapes[t][0] + shapes[t][1]) for t in chosen)
+    act = config.get("hidden_act") or config.get("hidden_activation") or "silu"    # transformers' default
+    # a SwiGLU MLP with an adapted down projection can compute that projection's input again (recompute_mlp)
+    swiglu = "gate_proj" in shapes and "down_proj" in chosen and act in ("silu", "swish")
     return {"total": total, "linear": linear, "trainable": total if method == "full" else lora,
-            "target_modules": chosen, "unknown_targets": unknown, "hidden": h, "layers": layers, "vocab": vocab}
+            "target_modules": chosen, "unknown_targets": unknown, "hidden": h, "layers": layers, "vocab": vocab,
+            "recomputable_width": shapes["down_proj"][0] if swiglu else 0}
 
 
 def checkpointed_layers(layers: int, every: int) -> int:
@@ -146,11 +156,13 @@ def checkpointed_layers(layers: int, every: int) -> int:
 
 
 def estimate_vram(params: dict, method: str, batch: int, seq: int, *, checkpointing: bool, every: int = 1,
-                  liger: bool = False, lora_dropout: float = 0.05, shards: int = 1, fused_lora: bool = False) -> dict:
+                  liger: bool = False, lora_dropout: float = 0.05, shards: int = 1, fused_lora: bool = False,
+                  recompute_mlp: bool = False) -> dict:
     """The VRAM terms of the module docstring, in GiB (``liger``: the fused kernels the worker uses from
     ``LIGER_MIN_PARAMS`` parameters on a GPU — no logits, fewer activations; ``fused_lora``: the fused LoRA
     layer, with Liger; ``every``: with checkpointing, only every ``every``-th layer is checkpointed, the others
-    keep their activations)."""
+    keep their activations; ``recompute_mlp``: with the fused layer, the layers not checkpointed keep 2 B per
+    intermediate feature less — the down projection's input, computed again)."""
     weights = (NF4_BYTES * params["linear"] + 2 * (params["total"] - params["linear"]) if method == "qlora"
                else 2 * params["total"])
     trainable = 16 * params["trainable"]
@@ -160,6 +172,9 @@ def estimate_vram(params: dict, method: str, batch: int, seq: int, *, checkpoint
     kept = checkpointed_layers(layers, every) if checkpointing else 0
     fused_lora = fused_lora and method == "lora"
     k_full = K_ACT_FUSED if fused_lora else (K_ACT_LIGER if liger else K_ACT_BF16) + dropout
+    recompute_mlp = recompute_mlp and fused_lora and params.get("recomputable_width", 0) > 0
+    if recompute_mlp:
+        k_full -= K_MLP_RECOMPUTED * params["recomputable_width"] / params["hidden"]
     k = ((layers - kept) * k_full + kept * K_ACT_CHECKPOINTED) / layers      # bytes per token·layer, on average
     j = 0 if liger else K_LOGITS_CHECKPOINTED if kept == layers else K_LOGITS
     acts = batch * seq * params["hidden"] * layers * k + batch * seq * params["vocab"] * j
@@ -168,7 +183,7 @@ def estimate_vram(params: dict, method: str, batch: int, seq: int, *, checkpoint
     return {**{k: round(v, 3) for k, v in terms.items()}, "total_gb": round(sum(terms.values()), 2),
             "gradient_checkpointing": checkpointing, "checkpoint_every": every if checkpointing else None,
             "checkpointed_layers": kept, "layers": layers, "liger": liger, "fused_lora": fused_lora,
-            "fsdp_shards": shards,
+            "recompute_mlp": recompute_mlp, "fsdp_shards": shards,
             "k_activation_bytes": round(k, 2), "seq": seq, "batch": batch}
 
 
@@ -411,7 +426,8 @@ def preflight(spec, rows_or_path, tokenizer, model_config: dict | None, gpu: dic
     result = {"rows": {"train": n_train, "eval": n_eval, "total": n_train + n_eval}, "format": data.format,
               "container": data.container, "tokens": lengths, "max_seq_len": spec.max_seq_len,
               "rows_cut": lengths["rows_cut"], "training": schedule, "params": None, "vram": None,
-              "time": None, "gpu": gpu, "fits": None, "gradient_checkpointing": False, "fsdp": False,
+              "time": None, "gpu": gpu, "fits": None, "gradient_checkpointing": False, "recompute_mlp": False,
+              "fsdp": False,
               "warnings": warnings}
     if model_config:
         _model_checks(result, spec, model_config, gpu, lengths, schedule, warnings)
@@ -449,7 +465,14 @@ def _model_checks(result: dict, spec, config: dict, gpu: dict | None, lengths: d
             if fits:
                 _warn(warnings, "info", "fsdp", f"One GPU cannot hold this full fine-tune, so its weights, gradients "
                                                 f"and optimizer state are sharded over {schedule['gpus']} GPUs (FSDP).")
-        if plain["total_gb"] > budget and fits:
+        if plain["total_gb"] > budget and fits and fused:
+            # the cheapest memory first: the MLPs compute their down projection's input again (1.5 % of the
+            # speed), and only then as many layers checkpointed as the memory still needs
+            terms["recompute_mlp"] = True
+            lean = estimate_vram(params, spec.method, spec.batch_size, seq, checkpointing=False, **terms)
+            vram = lean if lean["total_gb"] <= budget else lightest_checkpointing(
+                params, spec.method, spec.batch_size, seq, budget, **terms)
+        elif plain["total_gb"] > budget and fits:
             # only as many layers checkpointed as the memory needs (FSDP checkpoints all of them, its own way)
             vram = checkpointed if result["fsdp"] else lightest_checkpointing(
                 params, spec.method, spec.batch_size, seq, budget, **terms)
@@ -461,6 +484,7 @@ def _model_checks(result: dict, spec, config: dict, gpu: dict | None, lengths: d
     tps = tokens_per_second(params["total"], spec.method, gpu,
                             checkpointing=vram["checkpointed_layers"] / vram["layers"])
     speedup = fused_speed(params["total"]) if fused else LIGER_SPEED if liger else 1.0
+    speedup *= RECOMPUTE_MLP_SPEED if vram["recompute_mlp"] else 1.0
     tps *= speedup
     host_tps = host_bound_tokens_per_second(vram["layers"], params, spec.method, spec.batch_size * seq, gpu)
     host_bound = host_tps < tps
@@ -472,10 +496,13 @@ def _model_checks(result: dict, spec, config: dict, gpu: dict | None, lengths: d
                   vram=vram | {"per_gpu": True, "without_checkpointing_gb": plain["total_gb"],
                                "with_checkpointing_gb": checkpointed["total_gb"]},
                   fits=fits, gradient_checkpointing=vram["gradient_checkpointing"],
+                  recompute_mlp=vram["recompute_mlp"],
                   time={"tokens_per_s": round(tps), "seconds": round(seconds), "gpu_kind": kind,
                         "basis": f"DESIGN §9 H200 LoRA baseline scaled by parameter count, × {kind} factor"
                                  + ("" if known else " (unknown GPU, assumed A100-class)")
-                                 + (f", × {speedup:.2f} with the fused LoRA layer and Liger kernels" if fused
+                                 + (f", × {speedup:.2f} with the fused LoRA layer and Liger kernels"
+                                    + (" (the MLPs recomputing their down projection's input)"
+                                       if vram["recompute_mlp"] else "") if fused
                                     else ", × 1.16 with Liger kernels" if liger else "")
                                  + (f"; capped by the host's kernel launches ({host_tps:,.0f} tokens/s at "
                                     f"batch {spec.batch_size})" if host_bound else "")
