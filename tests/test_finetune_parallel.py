@@ -308,6 +308,10 @@ def test_a_sharded_full_run_saves_the_gathered_model_and_rank_0_reports_with_it(
     assert done.returncode == 0, done.stderr[-2000:]
     a, b = summary(one), summary(two)
     assert b["status"] == "succeeded" and b["gpus"] == 2
+    # the sharded run's loss is the model's own (tools/finetune/train.py _sharded_trainer), the one-process run's
+    # trl's fused LM head: the same numbers
+    assert "the loss is the model's own" in (two / "train.log").read_text()
+    assert "the loss is the model's own" not in (one / "train.log").read_text()
     assert a["final_loss"] == pytest.approx(b["final_loss"], rel=1e-4)
     assert a["evaluation"]["after"]["loss"] == pytest.approx(b["evaluation"]["after"]["loss"], rel=1e-4)
     from safetensors.torch import load_file

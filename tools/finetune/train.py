@@ -130,6 +130,24 @@ def _check_cancel(cancel: CancelFlag) -> None:
         raise _Cancelled
 
 
+def _sharded_trainer():
+    """trl's SFTTrainer with the model's own loss, for FSDP runs. trl computes the loss with a fused LM head that
+    calls the model's backbone from outside the model's forward, and there FSDP2 has not gathered the final norm's
+    sharded weight (2 H200s, trl 1.16, torch 2.11: "aten.mul.Tensor got mixed torch.Tensor and DTensor",
+    evals/gpu/fsdp_check.py). The model's own forward computes the same loss from the same labels (-100 outside
+    the completion; summed over the batch's tokens like trl's); trl's entropy and token-accuracy metrics are not
+    logged for these runs."""
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    class ShardedSFTTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return Trainer.compute_loss(self, model, {**inputs, "use_cache": False}, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+
+    return ShardedSFTTrainer
+
+
 def _train(paths: RunPaths, resume: bool, cancel: CancelFlag, facts: _Facts) -> Outcome:
     me = ranks()
     job = load_job(paths)
@@ -186,7 +204,9 @@ def _train(paths: RunPaths, resume: bool, cancel: CancelFlag, facts: _Facts) -> 
     if isinstance(job.speed, Speedups) and not unsloth:   # FP8, the fused LoRA layer (GPU default), CUDA graphs
         callbacks += training_callbacks(job.speed, spec.method, cuda=device.cuda, lora_dropout=spec.lora_dropout,
                                         accumulating=spec.grad_accum > 1)
-    trainer = SFTTrainer(
+    if fsdp_on(job):
+        log.info("FSDP: the loss is the model's own (trl's fused LM head runs outside FSDP's gathering)")
+    trainer = (_sharded_trainer() if fsdp_on(job) else SFTTrainer)(
         model=model,
         args=sft_config(job, device, paths.checkpoints, has_eval=bool(job.eval_rows)),
         train_dataset=dataset(job.train_rows),
