@@ -314,8 +314,8 @@ def _forward(module, x, *args, **kwargs):
 
 def _mlp_forward(mlp, x):
     """A SwiGLU MLP whose down projection is fused: :class:`SwiGLUDown` after the gate and up projections."""
-    gate, up = mlp.gate_proj(x), mlp.up_proj(x)
-    down = mlp.down_proj
+    gate_proj, up_proj, down = mlp.__dict__["_stackwise_mlp"]          # not through nn.Module.__getattr__
+    gate, up = gate_proj(x), up_proj(x)
     fused = _fused_args(down, x) if "_stackwise_fused" in down.__dict__ else None
     if fused is None:
         return down(_swiglu(gate, up))
@@ -411,6 +411,7 @@ def enable(model, *, keep_dropped: bool = False, kernels: bool = True, device_se
         fused = {id(module) for module in state.layers}
         for module in model.modules():
             if _swiglu_mlp(module) and id(module.down_proj) in fused:
+                module._stackwise_mlp = (module.gate_proj, module.up_proj, module.down_proj)
                 module.forward = partial(_mlp_forward, module)
                 state.mlps.append(module)
     log.info("fused LoRA: %d adapted layers in one autograd function each%s%s", len(state.layers),
@@ -429,6 +430,7 @@ def restore(state: FusedLoRA | None) -> None:
         module.__dict__.pop("_stackwise_fused", None)
     for module in state.mlps:
         module.__dict__.pop("forward", None)
+        module.__dict__.pop("_stackwise_mlp", None)
     state.layers.clear()
     state.mlps.clear()
     if state.hook is not None:
