@@ -122,7 +122,10 @@ def main(argv: list[str] | None = None) -> int:
                     **({"speed": args.speed} if args.speed is not None else {})}
         if run_keys:
             spec_path = Path(toolbox.jobs().show(job_id, USER)["run_dir"]) / "spec.json"
-            spec_path.write_text(json.dumps({**json.loads(spec_path.read_text()), **run_keys}))
+            queued = json.loads(spec_path.read_text())
+            if "speed" in run_keys:        # on top of what the preflight asked for (e.g. recompute_mlp)
+                run_keys["speed"] = {**(queued.get("speed") or {}), **run_keys["speed"]}
+            spec_path.write_text(json.dumps({**queued, **run_keys}))
         launched.append((label, method, job_id, launch_s))
         print(f"{label}: queued {job_id} in {launch_s:.2f} s", flush=True)
 

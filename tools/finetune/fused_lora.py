@@ -165,8 +165,9 @@ def _swiglu(gate, up):
     its Triton kernel on a GPU when Liger is installed, PyTorch's ops otherwise."""
     import torch
 
-    if gate.is_cuda and _liger_swiglu() is not None:
-        return _liger_swiglu()[0](gate, up)[2]
+    liger = _liger_swiglu() if gate.is_cuda else None
+    if liger is not None:
+        return liger[0](gate, up)[2]
     return torch.nn.functional.silu(gate.float()).to(up.dtype) * up
 
 
@@ -175,8 +176,9 @@ def _swiglu_backward(gate, up, grad):
     ``up``, which the caller no longer needs)."""
     import torch
 
-    if gate.is_cuda and _liger_swiglu() is not None:
-        return _liger_swiglu()[1](gate, up, grad)
+    liger = _liger_swiglu() if gate.is_cuda else None
+    if liger is not None:
+        return liger[1](gate, up, grad)
     g32, sig = gate.float(), torch.sigmoid(gate.float())
     silu = g32 * sig
     d_gate = grad.float() * up.float() * (sig + silu * (1 - sig))

@@ -465,17 +465,14 @@ def _model_checks(result: dict, spec, config: dict, gpu: dict | None, lengths: d
             if fits:
                 _warn(warnings, "info", "fsdp", f"One GPU cannot hold this full fine-tune, so its weights, gradients "
                                                 f"and optimizer state are sharded over {schedule['gpus']} GPUs (FSDP).")
-        if plain["total_gb"] > budget and fits and fused:
-            # the cheapest memory first: the MLPs compute their down projection's input again (1.5 % of the
-            # speed), and only then as many layers checkpointed as the memory still needs
+        if plain["total_gb"] > budget and fits:
+            # the cheapest memory first: with the fused layer the MLPs compute their down projection's input
+            # again (1.5 % of the speed; estimate_vram ignores it otherwise), then only as many layers
+            # checkpointed as the memory still needs (FSDP checkpoints all of them, its own way)
             terms["recompute_mlp"] = True
             lean = estimate_vram(params, spec.method, spec.batch_size, seq, checkpointing=False, **terms)
-            vram = lean if lean["total_gb"] <= budget else lightest_checkpointing(
-                params, spec.method, spec.batch_size, seq, budget, **terms)
-        elif plain["total_gb"] > budget and fits:
-            # only as many layers checkpointed as the memory needs (FSDP checkpoints all of them, its own way)
-            vram = checkpointed if result["fsdp"] else lightest_checkpointing(
-                params, spec.method, spec.batch_size, seq, budget, **terms)
+            vram = lean if lean["total_gb"] <= budget else checkpointed if result["fsdp"] else \
+                lightest_checkpointing(params, spec.method, spec.batch_size, seq, budget, **terms)
         if not fits:
             _warn(warnings, "error", "no_fit", f"The job needs about {checkpointed['total_gb']:.0f} GiB even with "
                                                f"gradient checkpointing; {gpu.get('name', 'the GPU')} has "

@@ -176,8 +176,8 @@ NOT_FOR = {"fp8": {"qlora": "only for LoRA: QLoRA's base weights are already 4-b
                           "full": "only for LoRA: a full fine-tune has no adapters"},
            "cuda_graphs": {"qlora": "needs the fused LoRA layers, which QLoRA's 4-bit base layers do not take",
                            "full": "only for LoRA: the graphs replay the fused adapter layers"},
-                 "recompute_mlp": {"qlora": "needs the fused LoRA layers, which QLoRA's 4-bit base layers do not take",
-                                   "full": "only for LoRA: it runs inside the fused down projection"}}
+           "recompute_mlp": {"qlora": "needs the fused LoRA layers, which QLoRA's 4-bit base layers do not take",
+                             "full": "only for LoRA: it runs inside the fused down projection"}}
 
 
 def _lora_only(speed: Speedups, switch: str, method: str) -> bool:
@@ -186,6 +186,17 @@ def _lora_only(speed: Speedups, switch: str, method: str) -> bool:
         return False
     if method != "lora":
         speed.skipped[switch] = NOT_FOR[switch].get(method, "only for LoRA")
+        return False
+    return True
+
+
+def _on_fused_layers(speed: Speedups, switch: str, method: str) -> bool:
+    """Whether ``switch``, which works on the fused LoRA layers, is on and can apply (if not, why:
+    ``speed.skipped``)."""
+    if not _lora_only(speed, switch, method):
+        return False
+    if not speed.fused_lora:
+        speed.skipped[switch] = "needs the fused LoRA layers (speed option fused_lora)"
         return False
     return True
 
@@ -205,8 +216,7 @@ def fp8_callback(speed: Speedups, method: str, *, cuda: bool):
 
 def fused_lora_callback(speed: Speedups, method: str):
     """The Trainer callback that runs the LoRA layers fused, or ``None`` (why not: ``speed.skipped``)."""
-    if _lora_only(speed, "recompute_mlp", method) and not speed.fused_lora:
-        speed.skipped["recompute_mlp"] = "needs the fused LoRA layers (speed option fused_lora)"
+    _on_fused_layers(speed, "recompute_mlp", method)   # only records why not: fused_lora.callback applies it
     if not _lora_only(speed, "fused_lora", method):
         return None
     from tools.finetune import fused_lora
@@ -218,13 +228,12 @@ def graphs_wanted(speed: Speedups, method: str, *, cuda: bool) -> bool:
     """Whether the decoder layers are to be CUDA-graphed (``cuda_graphs``, on the fused LoRA layers, on a GPU);
     if asked for but impossible, why not goes to ``speed.skipped``. The Trainer then takes fixed-shape batches
     (:mod:`tools.finetune.row_packing`)."""
-    if not _lora_only(speed, "cuda_graphs", method):
+    if not _on_fused_layers(speed, "cuda_graphs", method):
         return False
-    if not speed.fused_lora:
-        speed.skipped["cuda_graphs"] = "needs the fused LoRA layers (speed option fused_lora)"
-    elif not cuda:
+    if not cuda:
         speed.skipped["cuda_graphs"] = "needs a CUDA GPU"
-    return "cuda_graphs" not in speed.skipped
+        return False
+    return True
 
 
 def training_callbacks(speed: Speedups, method: str, *, cuda: bool, lora_dropout: float = 0.0,

@@ -204,9 +204,11 @@ def _train(paths: RunPaths, resume: bool, cancel: CancelFlag, facts: _Facts) -> 
     if isinstance(job.speed, Speedups) and not unsloth:   # FP8, the fused LoRA layer (GPU default), CUDA graphs
         callbacks += training_callbacks(job.speed, spec.method, cuda=device.cuda, lora_dropout=spec.lora_dropout,
                                         accumulating=spec.grad_accum > 1)
+    trainer_class = SFTTrainer
     if fsdp_on(job):
         log.info("FSDP: the loss is the model's own (trl's fused LM head runs outside FSDP's gathering)")
-    trainer = (_sharded_trainer() if fsdp_on(job) else SFTTrainer)(
+        trainer_class = _sharded_trainer()
+    trainer = trainer_class(
         model=model,
         args=sft_config(job, device, paths.checkpoints, has_eval=bool(job.eval_rows)),
         train_dataset=dataset(job.train_rows),
